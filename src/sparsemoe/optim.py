@@ -1,0 +1,133 @@
+"""The memory-saving Adam of Shazeer et al. (2017), Appendix D.
+
+Adam keeps two full-size moment estimates per parameter, which for an expert bank of billions
+of parameters costs twice the parameters' memory again. Appendix D ("Reducing the memory of
+the optimizer") removes both: the first moment is dropped (β1 = 0) and, for each parameter
+matrix, the second moment is stored as a running average of its row means and one of its
+column means; the full estimate is their outer product divided by their mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor
+
+from ._checks import check_number
+
+
+def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
+    """The second-moment estimate of Appendix D from its factors.
+
+    ``V̂[..., i, j] = R[..., i] · C[..., j] / mean(R[...])``, where ``R`` and ``C`` are the
+    running averages of the row means and the column means of the squared gradient. When
+    ``g²`` is itself an outer product (rank one), ``V̂`` equals the unfactored estimate.
+
+    Args:
+        row: ``R [..., r]``.
+        col: ``C [..., c]``, with the same leading dimensions.
+
+    Returns:
+        ``[..., r, c]``. A matrix whose factors are all zero gives zeros.
+    """
+    mean = row.mean(-1).clamp_min(torch.finfo(row.dtype).tiny)[..., None, None]  # R ≥ 0
+    return row.unsqueeze(-1) * col.unsqueeze(-2) / mean
+
+
+class FactoredAdam(torch.optim.Optimizer):
+    """Adam with β1 = 0 and a factored second moment (Shazeer et al. 2017, Appendix D).
+
+    For a parameter ``p`` with gradient ``g`` at step ``t``:
+
+    - matrices (``p.dim() >= 2`` and ``factored``): the last two dimensions are the matrix and
+      any leading dimensions index independent matrices, so a stacked expert bank
+      ``[n, d, h]`` gets one pair of factors per expert;
+      ``R ← β2·R + (1−β2)·mean_j g²``, ``C ← β2·C + (1−β2)·mean_i g²`` and
+      ``v = R Cᵀ / mean(R)`` (:func:`factored_second_moment`);
+    - everything else: the full ``v ← β2·v + (1−β2)·g²`` of Adam;
+    - then ``p ← p − lr · g / (sqrt(v / (1 − β2^t)) + eps)``, Adam's update with its bias
+      correction and no first moment (β1 = 0 makes the first moment the gradient itself).
+
+    Optimizer state per ``[r, c]`` matrix is ``r + c`` numbers instead of Adam's ``2·r·c``;
+    vectors keep one full moment instead of two. With ``factored=False`` the update is
+    exactly ``torch.optim.Adam(betas=(0, beta2))``.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.
+        beta2: decay of the second-moment running averages, in ``[0, 1)``.
+        eps: added to the denominator.
+        factored: factor the second moment of matrices (False: keep it full, as Adam).
+
+    Example:
+        >>> opt = FactoredAdam(model.parameters(), lr=1e-3)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        beta2: float = 0.999,
+        eps: float = 1e-8,
+        factored: bool = True,
+    ) -> None:
+        check_number("lr", lr, low=0)
+        check_number("beta2", beta2, low=0, high=1, high_open=True)
+        check_number("eps", eps, low=0)
+        if not isinstance(factored, bool):
+            raise TypeError(f"factored must be a bool, got {type(factored).__name__} {factored!r}")
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, factored=factored))
+
+    @staticmethod
+    def is_factored(p: Tensor, group: dict) -> bool:
+        """Whether ``p``'s second moment is stored as row and column factors."""
+        return group["factored"] and p.dim() >= 2
+
+    def _init_state(self, p: Tensor, group: dict) -> dict:
+        state = self.state[p]
+        state["step"] = torch.zeros((), dtype=torch.float32)
+        if self.is_factored(p, group):
+            state["row"] = p.new_zeros(p.shape[:-1], dtype=torch.float32)
+            state["col"] = p.new_zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32)
+        else:
+            state["v"] = torch.zeros_like(p, dtype=torch.float32,
+                                          memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta2, eps, lr = group["beta2"], group["eps"], group["lr"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("FactoredAdam does not support sparse gradients; "
+                                       "use dense gradients (e.g. nn.Embedding(sparse=False))")
+                state = self.state[p] or self._init_state(p, group)
+                state["step"] += 1
+                g = p.grad.float()
+                g2 = g * g
+                if "row" in state:
+                    state["row"].lerp_(g2.mean(-1), 1 - beta2)
+                    state["col"].lerp_(g2.mean(-2), 1 - beta2)
+                    v = factored_second_moment(state["row"], state["col"])
+                else:
+                    state["v"].lerp_(g2, 1 - beta2)
+                    v = state["v"]
+                correction = 1 - beta2 ** state["step"].item()
+                denom = (v / correction).sqrt_().add_(eps)
+                p.add_((g / denom).to(p.dtype), alpha=-lr)
+        return loss
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in ``optimizer``'s per-parameter state tensors (the moment estimates)."""
+    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
+               for t in s.values() if isinstance(t, Tensor) and t.dim() > 0)
