@@ -11,7 +11,7 @@ The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`Hierarchical
 
 from . import dispatch, functional, interop, routers
 from .dispatch import Capacity
-from .experts import FeedForwardExperts, ModuleListExperts
+from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
 from .shared import ConditionalMoE, SharedExpertMoE
 
@@ -23,6 +23,7 @@ __all__ = [
     "ConditionalMoE",
     "FeedForwardExperts",
     "HierarchicalMoE",
+    "LinearExperts",
     "MoE",
     "MoELayer",
     "MoEStats",
