@@ -668,3 +668,22 @@ def margin_constraint(
         renormalise_masked(combine_weights, mask_t),
         torch.tensor(run, dtype=torch.float64, device=totals.device),
     )
+
+
+def gate_matrix(
+    expert_indices: Tensor, combine_weights: Tensor, num_experts: int, valid: Tensor | None = None
+) -> Tensor:
+    """The dense ``[T, n]`` gates ``G(x)`` of a routing grid: each (valid) pair's weight at its
+    expert, zeros elsewhere (what an analysis of the gates needs, e.g. per-example assignment).
+
+    Args:
+        expert_indices: ``[T, k]`` int64.
+        combine_weights: ``[T, k]``.
+        num_experts: ``n``.
+        valid: ``[T, k]`` bool or None.
+
+    Returns:
+        ``[T, n]``.
+    """
+    w = combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+    return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)
