@@ -385,6 +385,11 @@ def hierarchical_noisy_top_k_gating(
 # ---------------------------------------------------------------------------------------------
 
 
+def valid_weights(combine_weights: Tensor, valid: Tensor | None) -> Tensor:
+    """``combine_weights [T, k]`` with the pairs that are not valid set to 0."""
+    return combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+
+
 def pair_importance(
     expert_indices: Tensor, combine_weights: Tensor, num_experts: int, valid: Tensor | None = None
 ) -> Tensor:
@@ -400,7 +405,7 @@ def pair_importance(
     Returns:
         ``[n]``.
     """
-    w = combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+    w = valid_weights(combine_weights, valid)
     return combine_weights.new_zeros(num_experts).index_add_(
         0, expert_indices.reshape(-1), w.reshape(-1)
     )
@@ -685,5 +690,5 @@ def gate_matrix(
     Returns:
         ``[T, n]``.
     """
-    w = combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+    w = valid_weights(combine_weights, valid)
     return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)
