@@ -680,15 +680,7 @@ def gate_matrix(
 ) -> Tensor:
     """The dense ``[T, n]`` gates ``G(x)`` of a routing grid: each (valid) pair's weight at its
     expert, zeros elsewhere (what an analysis of the gates needs, e.g. per-example assignment).
-
-    Args:
-        expert_indices: ``[T, k]`` int64.
-        combine_weights: ``[T, k]``.
-        num_experts: ``n``.
-        valid: ``[T, k]`` bool or None.
-
-    Returns:
-        ``[T, n]``.
+    The arguments are :func:`pair_importance`'s; summed over tokens this is the importance.
     """
     w = valid_weights(combine_weights, valid)
     return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)
