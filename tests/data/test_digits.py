@@ -6,9 +6,9 @@ import zipfile
 
 import numpy as np
 import pytest
+from helpers import fetched_or_skip
 
 from sparsemoe.data import (
-    FetchError,
     load_digit_set,
     load_mnist_5k,
     load_mnist_idx,
@@ -101,10 +101,7 @@ def test_bundled_8x8_digits_split():
 
 @pytest.mark.network
 def test_real_mnist_5k():
-    try:
-        images, labels = load_mnist_5k()
-    except FetchError as e:
-        pytest.skip(f"no network and no cached copy: {e}")
+    images, labels = fetched_or_skip(load_mnist_5k)
     assert images.shape == (5000, 28, 28) and images.max() == 255
     assert np.bincount(labels).tolist() == [500] * 10
     split = load_digit_set("mnist5k")
