@@ -2,10 +2,12 @@
 the check that a float32 layer equals a float64 reference in its output, auxiliary loss and every
 gradient."""
 
+import pytest
 import torch
 from reference import dense_moe, ffn_expert
 
 from sparsemoe import FeedForwardExperts, MoELayer
+from sparsemoe.data import FetchError
 
 
 def randomise_gates(layer, seed):
@@ -93,3 +95,12 @@ def assert_router_gets_gradient(layer, x, **forward_kwargs):
     (y.square().mean() + layer.aux_loss).backward()
     for name, param in layer.router.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def fetched_or_skip(load):
+    """``load()`` of a data set fetched on first use, or skip the test when there is neither a
+    network nor a cached copy."""
+    try:
+        return load()
+    except FetchError as e:
+        pytest.skip(f"no network and no cached copy: {e}")

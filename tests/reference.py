@@ -225,3 +225,42 @@ def naive_soft_moe(x, phi, scale, slots_per_expert, experts):
                                     for i in range(tokens.shape[0])]))
         slot_inputs.append(torch.stack(slots))
     return torch.stack(outputs), torch.stack(slot_inputs)
+
+
+# ---- the Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013) -----------------------
+
+
+def naive_gate_network(x, w_hidden, b_hidden, w_gate, b_gate):
+    """g(x) = softmax(B·relu(A·x + a) + b), one row at a time, as logits and probabilities."""
+    hidden = torch.stack([torch.clamp(row @ w_hidden + b_hidden, min=0) for row in x]) \
+        if x.shape[0] else x.new_zeros(0, w_hidden.shape[1])
+    logits = hidden @ w_gate + (0 if b_gate is None else b_gate)
+    return logits, naive_softmax(logits)
+
+
+def linear_expert(x, w, b, activation="relu"):
+    """f(x) = act(x·W + b) on all of x."""
+    y = x @ w + (0 if b is None else b)
+    return {None: lambda v: v, "relu": F.relu, "tanh": torch.tanh}[activation](y)
+
+
+def naive_margin_constraint(gates, totals, margin):
+    """Eigen et al.'s constraint on dense gates [T, n], one example after another: an expert
+    whose running total is more than ``margin`` above the mean of the totals gets gate 0 and
+    the rest are renormalised; the totals add the renormalised gates.
+
+    Returns (mask [T, n] bool, constrained gates [T, n], totals after) with the gates
+    differentiable in ``gates``."""
+    totals = list(totals)
+    n = len(totals)
+    mask, rows = [], []
+    for row in gates:
+        mean = sum(totals) / n
+        keep = [totals[i] - mean <= margin for i in range(n)]
+        kept = sum(row[i] for i in range(n) if keep[i])
+        new = torch.stack([row[i] / kept if keep[i] else row[i] * 0 for i in range(n)])
+        for i in range(n):
+            totals[i] += float(new[i].detach())
+        mask.append(keep)
+        rows.append(new)
+    return torch.tensor(mask, dtype=torch.bool), torch.stack(rows), totals

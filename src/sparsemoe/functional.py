@@ -385,6 +385,11 @@ def hierarchical_noisy_top_k_gating(
 # ---------------------------------------------------------------------------------------------
 
 
+def valid_weights(combine_weights: Tensor, valid: Tensor | None) -> Tensor:
+    """``combine_weights [T, k]`` with the pairs that are not valid set to 0."""
+    return combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+
+
 def pair_importance(
     expert_indices: Tensor, combine_weights: Tensor, num_experts: int, valid: Tensor | None = None
 ) -> Tensor:
@@ -400,7 +405,7 @@ def pair_importance(
     Returns:
         ``[n]``.
     """
-    w = combine_weights if valid is None else combine_weights * valid.to(combine_weights.dtype)
+    w = valid_weights(combine_weights, valid)
     return combine_weights.new_zeros(num_experts).index_add_(
         0, expert_indices.reshape(-1), w.reshape(-1)
     )
@@ -572,3 +577,110 @@ def balanced_assignment(scores: Tensor, capacities: Tensor | None = None) -> Ten
         if eps <= eps_final:
             return owner
         eps = max(eps / 8, eps_final)
+
+
+def renormalise_masked(weights: Tensor, mask: Tensor) -> Tensor:
+    """``w_i·M_i / Σ_j w_j·M_j`` per row: the gates left after a mask, summing to 1 again.
+
+    The renormalisation of Appendix F's masked gates (strictly balanced gating) and of Eigen
+    et al.'s running-total constraint. A row whose mask keeps nothing becomes all zeros.
+
+    Args:
+        weights: ``[T, k]`` gate values.
+        mask: ``[T, k]`` bool, the values kept.
+
+    Returns:
+        ``[T, k]``.
+    """
+    masked = weights * mask.to(weights.dtype)
+    total = masked.sum(-1, keepdim=True)
+    return masked / torch.where(total > 0, total, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013, arXiv:1312.4314).
+# ---------------------------------------------------------------------------------------------
+
+
+class MarginConstraint(NamedTuple):
+    """Result of :func:`margin_constraint`.
+
+    Attributes:
+        mask: ``[T, k]`` bool, the (token, expert) pairs left active.
+        combine_weights: ``[T, k]`` the gates renormalised over the active pairs.
+        totals: ``[n]`` float64 running totals after the ``T`` tokens.
+    """
+
+    mask: Tensor
+    combine_weights: Tensor
+    totals: Tensor
+
+
+def margin_constraint(
+    expert_indices: Tensor,
+    combine_weights: Tensor,
+    totals: Tensor,
+    margin: float,
+    valid: Tensor | None = None,
+) -> MarginConstraint:
+    """The running-total constraint that keeps a Deep Mixture of Experts' gates from
+    degenerating (Eigen, Ranzato and Sutskever 2013).
+
+    Tokens are taken one after another, as the paper's examples are. Before token ``t``,
+    expert ``i`` has the running total ``G_i(t) = Σ_{t' < t} g_i(x_{t'})`` of the gates it
+    received; if ``G_i(t) − (1/n) Σ_j G_j(t) > m`` its gate for ``x_t`` is set to 0 and the
+    token's remaining gates are renormalised. The totals add the renormalised gates, so an
+    expert is active only while its total is within ``m`` of the mean. (The paper does not say
+    whether the totals count the gates before or after the constraint; after is what the gates
+    actually did, and what makes that bound hold.)
+
+    With every expert in the grid (dense gating, ``k = n``), at least one expert — one at or
+    below the mean — stays active for every token. With ``k < n`` a token whose ``k`` choices
+    are all over the margin keeps no expert (a zero row).
+
+    The decisions are sequential, so they are computed on the host from detached values; the
+    returned gates are :func:`renormalise_masked` of ``combine_weights`` and carry its gradient.
+
+    Args:
+        expert_indices: ``[T, k]`` int64.
+        combine_weights: ``[T, k]`` gates (rows summing to 1 over the valid pairs).
+        totals: ``[n]`` running totals before the first token (not modified).
+        margin: ``m >= 0``.
+        valid: ``[T, k]`` bool, pairs the router chose, or None for all.
+
+    Returns:
+        :class:`MarginConstraint` ``(mask, combine_weights, totals)``.
+    """
+    n = totals.numel()
+    run = totals.detach().to("cpu", torch.float64).tolist()
+    experts = expert_indices.tolist()
+    weights = combine_weights.detach().to(torch.float64).tolist()
+    chosen = [[True] * len(row) for row in experts] if valid is None else valid.tolist()
+    mask = []
+    for row, w, ok in zip(experts, weights, chosen, strict=True):
+        mean = sum(run) / n
+        active = [bool(v) and run[e] - mean <= margin for e, v in zip(row, ok, strict=True)]
+        kept = sum(wj for wj, a in zip(w, active, strict=True) if a)
+        if kept > 0:
+            for e, wj, a in zip(row, w, active, strict=True):
+                if a:
+                    run[e] += wj / kept
+        mask.append(active)
+    mask_t = torch.tensor(mask, dtype=torch.bool, device=expert_indices.device)
+    mask_t = mask_t.reshape(expert_indices.shape)
+    return MarginConstraint(
+        mask_t,
+        renormalise_masked(combine_weights, mask_t),
+        torch.tensor(run, dtype=torch.float64, device=totals.device),
+    )
+
+
+def gate_matrix(
+    expert_indices: Tensor, combine_weights: Tensor, num_experts: int, valid: Tensor | None = None
+) -> Tensor:
+    """The dense ``[T, n]`` gates ``G(x)`` of a routing grid: each (valid) pair's weight at its
+    expert, zeros elsewhere (what an analysis of the gates needs, e.g. per-example assignment).
+    The arguments are :func:`pair_importance`'s; summed over tokens this is the importance.
+    """
+    w = valid_weights(combine_weights, valid)
+    return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)

@@ -115,7 +115,9 @@ class MoELayer(nn.Module):
             turns it off (the NLLB-200 recipe uses 0.2).
 
     Shape:
-        ``x [..., d_model] -> [..., d_model]``: all leading dimensions are flattened into one
+        ``x [..., d_model] -> [..., d_out]`` (``d_out`` is the expert bank's output width:
+        ``d_model`` for feed-forward experts, any width for
+        :class:`~sparsemoe.experts.LinearExperts`): all leading dimensions are flattened into one
         batch of tokens, so a whole batch×time block is one MoE call (the paper's
         "convolutional" application). A router with ``uses_token_ids`` (hash routing) needs
         ``token_ids [...]``, one id per token.

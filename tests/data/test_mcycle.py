@@ -6,8 +6,9 @@ import tarfile
 
 import numpy as np
 import pytest
+from helpers import fetched_or_skip
 
-from sparsemoe.data import FetchError, load_mcycle, read_mcycle
+from sparsemoe.data import load_mcycle, read_mcycle
 
 
 def add(tar, name, data):
@@ -43,9 +44,6 @@ def test_wrong_archives_are_explained(tmp_path):
 
 @pytest.mark.network
 def test_real_mcycle():
-    try:
-        times, accel = load_mcycle()
-    except FetchError as e:
-        pytest.skip(f"no network and no cached copy: {e}")
+    times, accel = fetched_or_skip(load_mcycle)
     assert times.shape == accel.shape == (133,)
     assert (times.min(), times.max(), accel.min(), accel.max()) == (2.4, 57.6, -134.0, 75.0)

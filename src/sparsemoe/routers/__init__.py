@@ -4,12 +4,13 @@ One module per family; see ``docs/routers.md`` for the table of methods, papers,
 defaults and tested invariants.
 """
 
-from .base import LinearRouter, Router, Routing
+from .base import GateHiddenLayer, LinearRouter, Router, Routing
 from .base_layers import BASERouter
 from .dense import ArgmaxRouter, SoftmaxRouter
 from .expert_choice import ExpertChoiceRouter
 from .gshard import GShardRouter
 from .hash import HashRouter, balanced_hash_table
+from .margin import MarginConstrainedRouter
 from .noisy_top_k import HierarchicalNoisyTopKRouter, NoisyTopKRouter
 from .reinforce import ReinforceRouter
 from .soft_moe import SoftMoERouter, SoftRouting
@@ -22,9 +23,11 @@ __all__ = [
     "BASERouter",
     "ExpertChoiceRouter",
     "GShardRouter",
+    "GateHiddenLayer",
     "HashRouter",
     "HierarchicalNoisyTopKRouter",
     "LinearRouter",
+    "MarginConstrainedRouter",
     "NoisyTopKRouter",
     "ReinforceRouter",
     "Router",

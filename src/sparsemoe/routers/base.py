@@ -54,12 +54,53 @@ class Router(nn.Module):
     uses_token_ids: bool = False
 
 
+class GateHiddenLayer(nn.Module):
+    """The hidden layer of a gating network: ``x -> relu(x·A + a)``.
+
+    Eigen, Ranzato and Sutskever (2013), "Learning Factored Representations in a Deep Mixture
+    of Experts", gate every layer with ``g(x) = softmax(B·relu(A·x + a) + b)``; a router given
+    ``hidden=h`` computes its logits from ``relu(x·A + a)`` instead of ``x``. ``A`` and ``a``
+    are initialised like an ``nn.Linear`` (U(±1/√d)).
+
+    Args:
+        d_model: input width ``d``.
+        hidden: hidden width ``h`` (the paper's MNIST gates: 50).
+
+    Shape:
+        ``w_hidden [d, h]``, ``b_hidden [h]``; forward ``[T, d] -> [T, h]``.
+    """
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = check_int("hidden", hidden)
+        self.w_hidden = nn.Parameter(torch.empty(d_model, hidden))
+        self.b_hidden = nn.Parameter(torch.empty(hidden))
+        bound = 1.0 / math.sqrt(d_model)
+        nn.init.uniform_(self.w_hidden, -bound, bound)
+        nn.init.uniform_(self.b_hidden, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x @ self.w_hidden + self.b_hidden)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.w_hidden.shape[0]}, hidden={self.hidden}"
+
+
+def gate_hidden_layer(d_model: int, hidden: int | None) -> GateHiddenLayer | None:
+    """A :class:`GateHiddenLayer` for ``hidden=h``, None for ``hidden=None`` (a linear gate)."""
+    return None if hidden is None else GateHiddenLayer(d_model, hidden)
+
+
 class LinearRouter(Router):
     """What the learned-gate routers share: a gate ``W_g [d, n]`` (and optional bias) applied
     in float32, and the auxiliary losses they may add.
 
+    With ``hidden=h`` the gate is a network with one hidden layer (Eigen et al. 2013):
+    ``logits = relu(x·A + a)·W_g + b`` with ``W_g [h, n]`` (:class:`GateHiddenLayer`).
+
     ``W_g`` starts from the Switch Transformer's reduced-scale initialisation (Fedus et al.
-    2021, §2.4): a normal truncated at two standard deviations, std ``sqrt(0.1 / d)``.
+    2021, §2.4): a normal truncated at two standard deviations, std ``sqrt(0.1 / fan_in)``
+    (``fan_in`` = ``d``, or ``h`` with a hidden layer).
 
     Auxiliary losses (weights of 0 switch them off; each router's defaults are its paper's):
 
@@ -71,12 +112,13 @@ class LinearRouter(Router):
       1e-3), :func:`sparsemoe.functional.z_loss`.
 
     Shape:
-        ``w_gate [d, n]``, ``b_gate [n]`` (when ``bias``).
+        ``w_gate [d, n]`` (``[h, n]`` with a hidden layer), ``b_gate [n]`` (when ``bias``),
+        ``gate_hidden`` (when ``hidden``).
     """
 
     def __init__(
         self, d_model: int, num_experts: int, *, w_importance: float = 0.0,
-        w_switch: float = 0.0, w_z: float = 0.0, bias: bool = False,
+        w_switch: float = 0.0, w_z: float = 0.0, bias: bool = False, hidden: int | None = None,
     ) -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model)
@@ -84,15 +126,20 @@ class LinearRouter(Router):
         self.w_importance = check_number("w_importance", w_importance, low=0)
         self.w_switch = check_number("w_switch", w_switch, low=0)
         self.w_z = check_number("w_z", w_z, low=0)
-        self.w_gate = nn.Parameter(torch.empty(d_model, num_experts))
+        self.gate_hidden = gate_hidden_layer(d_model, hidden)
+        fan_in = d_model if hidden is None else hidden
+        self.w_gate = nn.Parameter(torch.empty(fan_in, num_experts))
         self.b_gate = nn.Parameter(torch.zeros(num_experts)) if bias else None
-        std = math.sqrt(0.1 / d_model)
+        std = math.sqrt(0.1 / fan_in)
         nn.init.trunc_normal_(self.w_gate, std=std, a=-2 * std, b=2 * std)
 
     def logits(self, x: Tensor) -> Tensor:
-        """``x·W_g (+ b)``: ``[T, d] -> [T, n]``, in the gate's precision (float32 under
-        autocast, see :func:`full_precision`)."""
+        """``x·W_g (+ b)``, or ``relu(x·A + a)·W_g (+ b)`` with a hidden layer:
+        ``[T, d] -> [T, n]``, in the gate's precision (float32 under autocast, see
+        :func:`full_precision`)."""
         with full_precision(x, self.w_gate) as x:
+            if self.gate_hidden is not None:
+                x = self.gate_hidden(x)
             out = x @ self.w_gate
             return out if self.b_gate is None else out + self.b_gate
 

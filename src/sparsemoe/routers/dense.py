@@ -2,7 +2,9 @@
 
 The meta-pi network and the adaptive mixtures of local experts (Jacobs, Jordan, Nowlan and
 Hinton 1991) gate with ``G(x) = Softmax(x·W_g)`` over all experts; the hard MoE takes only
-``argmax_i G(x)_i``.
+``argmax_i G(x)_i``. The Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013) gates each
+layer with a one-hidden-layer network, ``G(x) = Softmax(B·relu(A·x + a) + b)``:
+``SoftmaxRouter(d, n, hidden=h, bias=True)``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from .base import LinearRouter, Routing, all_experts_grid
 
 
 class SoftmaxRouter(LinearRouter):
-    """Dense softmax gating: ``y = Σ_{i=1}^{n} G(x)_i E_i(x)``, ``G(x) = Softmax(x·W_g)``.
+    """Dense softmax gating: ``y = Σ_{i=1}^{n} G(x)_i E_i(x)``, ``G(x) = Softmax(x·W_g)``, or
+    with ``hidden=h`` the gating network of the Deep Mixture of Experts (Eigen et al. 2013),
+    ``G(x) = Softmax(B·relu(A·x + a) + b)`` (``A = w_hidden``, ``B = w_gate``).
 
     Every expert runs on every token (``k = n``); the gate gets its gradient through the
     output. No auxiliary loss by default (the classical mixtures have none).
@@ -21,10 +25,12 @@ class SoftmaxRouter(LinearRouter):
     Args:
         d_model: input width ``d``.
         num_experts: ``n``.
-        w_importance, w_switch, w_z, bias: see :class:`LinearRouter` (defaults 0, no bias).
+        w_importance, w_switch, w_z, bias, hidden: see :class:`LinearRouter` (defaults 0, no
+            bias, no hidden layer).
 
     Shape:
-        ``w_gate [d, n]``; forward ``[T, d] -> Routing`` with ``k = n`` choices per token.
+        ``w_gate [d, n]`` (``[h, n]`` with a hidden layer); forward ``[T, d] -> Routing`` with
+        ``k = n`` choices per token.
     """
 
     def forward(self, x: Tensor) -> Routing:
@@ -44,10 +50,12 @@ class ArgmaxRouter(LinearRouter):
     Args:
         d_model: input width ``d``.
         num_experts: ``n``.
-        w_importance, w_switch, w_z, bias: see :class:`LinearRouter` (defaults 0, no bias).
+        w_importance, w_switch, w_z, bias, hidden: see :class:`LinearRouter` (defaults 0, no
+            bias, no hidden layer).
 
     Shape:
-        ``w_gate [d, n]``; forward ``[T, d] -> Routing`` with one choice per token.
+        ``w_gate [d, n]`` (``[h, n]`` with a hidden layer); forward ``[T, d] -> Routing`` with
+        one choice per token.
     """
 
     def forward(self, x: Tensor) -> Routing:

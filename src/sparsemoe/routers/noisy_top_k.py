@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .._checks import check_int, check_top_k
-from .base import Router, Routing, full_precision
+from .base import Router, Routing, full_precision, gate_hidden_layer
 
 
 class _BalancedRouter(Router):
@@ -46,9 +46,13 @@ class NoisyTopKRouter(_BalancedRouter):
         noise_epsilon: floor of the noise stddev (reference code: 1e-2).
         w_importance: weight of CV(Importance)², eq. 7 (paper, language modelling: 0.1).
         w_load: weight of CV(Load)², eq. 11 (paper, language modelling: 0.1).
+        hidden: gate on ``relu(x·A + a)`` instead of ``x`` (the gating network of the Deep
+            Mixture of Experts, Eigen et al. 2013; :class:`~sparsemoe.routers.GateHiddenLayer`),
+            None for the paper's linear gate.
 
     Shape:
-        ``w_gate [d, n]``, ``w_noise [d, n]``; forward ``[T, d] -> Routing`` with ``k`` choices.
+        ``w_gate [d, n]``, ``w_noise [d, n]`` (``[h, n]`` each with a hidden layer); forward
+        ``[T, d] -> Routing`` with ``k`` choices.
     """
 
     def __init__(
@@ -61,15 +65,20 @@ class NoisyTopKRouter(_BalancedRouter):
         noise_epsilon: float = 1e-2,
         w_importance: float = 0.1,
         w_load: float = 0.1,
+        hidden: int | None = None,
     ) -> None:
         check_int("num_experts", num_experts)
         super().__init__(d_model, num_experts, noise_epsilon, w_importance, w_load)
         self.k = check_top_k("k", k, num_experts)
-        self.w_gate = nn.Parameter(torch.zeros(d_model, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(d_model, num_experts)) if noisy_gating else None
+        self.gate_hidden = gate_hidden_layer(d_model, hidden)
+        fan_in = d_model if hidden is None else hidden
+        self.w_gate = nn.Parameter(torch.zeros(fan_in, num_experts))
+        self.w_noise = nn.Parameter(torch.zeros(fan_in, num_experts)) if noisy_gating else None
 
     def forward(self, x: Tensor) -> Routing:
         with full_precision(x, self.w_gate) as x:
+            if self.gate_hidden is not None:
+                x = self.gate_hidden(x)
             g = MF.noisy_top_k_gating(
                 x, self.w_gate, self.w_noise, self.k,
                 train=self.training, noise_epsilon=self.noise_epsilon,

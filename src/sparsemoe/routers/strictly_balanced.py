@@ -59,9 +59,7 @@ class StrictlyBalancedRouter(LinearRouter):
             mask = MF.top_tokens_per_expert(g_sigma, self.per_expert(x.shape[0]))
         else:
             mask = g_sigma > self.thresholds.detach()
-        masked = g_sigma * mask.to(g_sigma.dtype)
-        total = masked.sum(-1, keepdim=True)
-        weights = masked / torch.where(total > 0, total, 1.0)
+        weights = MF.renormalise_masked(g_sigma, mask)
         grid = all_experts_grid(x.shape[0], self.num_experts, x.device)
         routing = self.routing(logits, g_sigma, grid, weights, mask)
         if self.training and self.w_batchwise:

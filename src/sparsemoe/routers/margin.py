@@ -1,0 +1,78 @@
+"""The Deep Mixture of Experts' remedy for degenerate gating (Eigen, Ranzato and Sutskever
+2013): an expert that has been given more than its share is switched off until the others
+catch up."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as MF
+from .._checks import check_number
+from .base import Router, Routing
+
+
+class MarginConstrainedRouter(Router):
+    """Any router under Eigen et al.'s running-total constraint.
+
+    In training, while :attr:`constrained` is True, the router keeps running totals
+    ``G_i(t) = Σ_{t' < t} g_i(x_{t'})`` of the gates each expert received since the start
+    (a buffer, saved with the model); an expert with ``G_i(t) − mean_j G_j(t) > m`` gets gate 0
+    for ``x_t`` and the token's other gates are renormalised
+    (:func:`sparsemoe.functional.margin_constraint`). The paper trains with the constraint and
+    then removes it and fine-tunes: set ``constrained = False`` (or call
+    ``remove_constraint()``). In evaluation mode the gates pass through unchanged.
+
+    Without the constraint a softmax gate trained by the output loss alone tends to give
+    (almost) every example to the same expert early on, which then learns fastest and keeps
+    winning. The margin ``m`` is counted in examples' worth of gate mass (each token adds 1 to
+    the totals); the paper does not give its value.
+
+    The masked pairs are marked not valid in the :class:`Routing` (never computed); importance
+    and load are recomputed from the constrained gates; the inner router's auxiliary loss is
+    kept.
+
+    Args:
+        router: the router to constrain (the DMoE's: a ``SoftmaxRouter`` with a hidden layer).
+        margin: ``m >= 0``.
+
+    Shape:
+        ``totals [n]`` float64 buffer; forward ``[T, d] -> Routing`` as the inner router.
+    """
+
+    def __init__(self, router: Router, margin: float) -> None:
+        super().__init__()
+        if not isinstance(router, Router):
+            raise TypeError(f"router must be a sparsemoe.routers.Router, got "
+                            f"{type(router).__name__}")
+        if router.uses_token_ids:
+            raise ValueError(f"router must route by features; {type(router).__name__} "
+                             f"routes by token id")
+        self.router = router
+        self.margin = check_number("margin", margin, low=0)
+        self.d_model = router.d_model
+        self.num_experts = router.num_experts
+        self.constrained = True
+        self.register_buffer("totals", torch.zeros(router.num_experts, dtype=torch.float64))
+
+    def remove_constraint(self) -> None:
+        """Stop constraining (the paper's fine-tuning phase); the totals are kept."""
+        self.constrained = False
+
+    def forward(self, x: Tensor) -> Routing:
+        routing = self.router(x)
+        if not (self.training and self.constrained):
+            return routing
+        c = MF.margin_constraint(routing.expert_indices, routing.combine_weights, self.totals,
+                                 self.margin, routing.valid)
+        self.totals.copy_(c.totals)
+        n = self.num_experts
+        return routing._replace(
+            combine_weights=c.combine_weights,
+            importance=MF.pair_importance(routing.expert_indices, c.combine_weights, n, c.mask),
+            load=MF.pair_load(routing.expert_indices, n, c.mask).to(c.combine_weights.dtype),
+            valid=c.mask,
+        )
+
+    def extra_repr(self) -> str:
+        return f"margin={self.margin}, constrained={self.constrained}"
