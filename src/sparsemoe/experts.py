@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_int
 from .dispatch import GROUPED_MM_IMPLS, Routes, grouped_matmul
@@ -78,6 +79,9 @@ class FeedForwardExperts(nn.Module):
         bias: learn ``b1`` and ``b2`` (the reference code's experts have none).
         impl: grouped-matmul implementation, one of
             :data:`sparsemoe.dispatch.GROUPED_MM_IMPLS`.
+        recompute: keep only the input rows for the backward pass and recompute the hidden
+            activations there (Shazeer et al. 2017, Appendix D): saves the ``[N, h]``
+            activations of every row for one more forward of the first matrix multiply.
 
     Shape:
         Parameters: ``w1 [n, d, h]`` (``[n, d, 2h]`` when gated), ``b1 [n, h]`` (``[n, 2h]``),
@@ -93,11 +97,16 @@ class FeedForwardExperts(nn.Module):
         activation: str = "relu",
         bias: bool = False,
         impl: str = "auto",
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts)
         self.d_model = check_int("d_model", d_model)
         self.hidden = check_int("hidden", hidden)
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute must be a bool, got {type(recompute).__name__} "
+                            f"{recompute!r}")
+        self.recompute = recompute
         if activation not in EXPERT_ACTIVATIONS:
             raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
         if impl not in GROUPED_MM_IMPLS:
@@ -117,6 +126,11 @@ class FeedForwardExperts(nn.Module):
         _init_like_linear(self.w2, self.b2)
 
     def forward(self, x: Tensor, routes: Routes) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, routes, use_reentrant=False)
+        return self._forward(x, routes)
+
+    def _forward(self, x: Tensor, routes: Routes) -> Tensor:
         h = _stacked_affine(x, self.w1, self.b1, routes, self.impl)
         if self.activation in _GATED_ACTIVATIONS:
             gate, up = h.chunk(2, dim=-1)
@@ -127,7 +141,8 @@ class FeedForwardExperts(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, "
-                f"activation={self.activation!r}, bias={self.b1 is not None}, impl={self.impl!r}")
+                f"activation={self.activation!r}, bias={self.b1 is not None}, impl={self.impl!r}, "
+                f"recompute={self.recompute}")
 
 
 class LinearExperts(nn.Module):

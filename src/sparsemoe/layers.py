@@ -254,16 +254,20 @@ def _expert_bank(
     activation: str,
     bias: bool,
     impl: str,
+    recompute: bool,
 ) -> nn.Module:
     if experts is None:
         if hidden is None:
             raise ValueError("hidden (the experts' hidden width) is required unless experts= "
                              "gives the expert modules, got hidden=None")
-        return FeedForwardExperts(
-            num_experts, d_model, hidden, activation=activation, bias=bias, impl=impl
-        )
+        return FeedForwardExperts(num_experts, d_model, hidden, activation=activation,
+                                  bias=bias, impl=impl, recompute=recompute)
     if hidden is not None:
         raise ValueError(f"give either hidden or experts=, not both (got hidden={hidden})")
+    if recompute:
+        raise ValueError("recompute=True applies to the feed-forward experts built from "
+                         "hidden=, got experts= modules; wrap them in "
+                         "torch.utils.checkpoint instead")
     if len(experts) != num_experts:
         raise ValueError(f"experts must hold num_experts = {num_experts} modules, "
                          f"got {len(experts)}")
@@ -294,6 +298,8 @@ class MoE(MoELayer):
             are Mixtral's).
         impl: grouped-matmul implementation (``"auto"``, ``"grouped_mm"``, ``"loop"``).
         capacity: a :class:`~sparsemoe.dispatch.Capacity` (None: dropless, the paper's layer).
+        recompute: recompute the experts' hidden activations in the backward pass instead of
+            keeping them (Appendix D's memory saving; see :class:`FeedForwardExperts`).
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.
@@ -321,12 +327,14 @@ class MoE(MoELayer):
         bias: bool = False,
         impl: str = "auto",
         capacity: Capacity | None = None,
+        recompute: bool = False,
     ) -> None:
         router = NoisyTopKRouter(
             d_model, num_experts, k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
             w_importance=w_importance, w_load=w_load,
         )
-        bank = _expert_bank(num_experts, d_model, hidden, experts, activation, bias, impl)
+        bank = _expert_bank(num_experts, d_model, hidden, experts, activation, bias, impl,
+                            recompute)
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)
 
@@ -345,8 +353,8 @@ class HierarchicalMoE(MoELayer):
         experts_per_group: ``b``.
         k_primary, k_secondary: choices per level (paper: 2 and 2).
         hidden, experts, activation, output_activation, noisy_gating, noise_epsilon,
-        w_importance, w_load, bias, impl, capacity: as in :class:`MoE`; ``experts`` must then hold
-        ``a·b`` modules, group ``i``'s expert ``j`` at index ``i·b + j``.
+        w_importance, w_load, bias, impl, capacity, recompute: as in :class:`MoE`; ``experts``
+        must then hold ``a·b`` modules, group ``i``'s expert ``j`` at index ``i·b + j``.
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.
@@ -371,6 +379,7 @@ class HierarchicalMoE(MoELayer):
         bias: bool = False,
         impl: str = "auto",
         capacity: Capacity | None = None,
+        recompute: bool = False,
     ) -> None:
         router = HierarchicalNoisyTopKRouter(
             d_model, groups, experts_per_group, k_primary, k_secondary,
@@ -378,7 +387,7 @@ class HierarchicalMoE(MoELayer):
             w_importance=w_importance, w_load=w_load,
         )
         bank = _expert_bank(
-            router.num_experts, d_model, hidden, experts, activation, bias, impl
+            router.num_experts, d_model, hidden, experts, activation, bias, impl, recompute
         )
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)
