@@ -97,6 +97,13 @@ class FeedForwardExperts(nn.Module):
             if b is not None:
                 nn.init.uniform_(b, -bound, bound)
 
+    @property
+    def multiply_adds_per_row(self) -> int:
+        """Multiply-adds of one row through its expert (biases and activation not counted):
+        ``d·h + h·d`` (``d·2h + h·d`` when gated). Over the ``2d`` numbers that enter and leave
+        the expert this is ``h``: the paper's compute-to-I/O ratio (Shazeer et al. 2017, §3.2)."""
+        return self.d_model * self.w1.shape[-1] + self.hidden * self.d_model
+
     def forward(self, x: Tensor, routes: Routes) -> Tensor:
         counts = routes.tokens_per_expert
         h = grouped_matmul(x, self.w1, counts, self.impl)
