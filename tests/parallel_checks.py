@@ -195,6 +195,173 @@ def counted_bytes(counts):
             "rows_computed": sum(stats.rows_received), "multiply_adds_per_row": per_row}
 
 
+class Net(nn.Module):
+    """A dense layer, an MoE with its auxiliary loss, and a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, EXPERTS, k=2, hidden=HIDDEN, noise_epsilon=0.5)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.out(x + self.moe(torch.tanh(self.inp(x))))
+
+
+def batch_for(step, world_slices, per_slice=6):
+    g = torch.Generator().manual_seed(100 + step)
+    xs = torch.randn(world_slices, per_slice, D, generator=g)
+    ys = torch.randn(world_slices, per_slice, 3, generator=g)
+    return xs, ys
+
+
+def step_loss(model, x, y, noise_seed):
+    torch.manual_seed(noise_seed)
+    return nn.functional.mse_loss(model(x), y) + model.moe.aux_loss
+
+
+def reference_step(model, opt, step, world_slices, clip):
+    """One step on one process: the mean of the per-slice losses, as W ranks compute them."""
+    xs, ys = batch_for(step, world_slices)
+    losses = [step_loss(model, xs[r], ys[r], 1000 * step + r) for r in range(world_slices)]
+    opt.zero_grad()
+    torch.stack(losses).mean().backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return [loss.item() for loss in losses], norm.item()
+
+
+def distributed_step(model, opt, sync, step, clip, group=None):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    xs, ys = batch_for(step, world)
+    loss = step_loss(model, xs[rank], ys[rank], 1000 * step + rank)
+    opt.zero_grad()
+    loss.backward()
+    sync.sync()
+    norm = sync.clip_grad_norm_(clip)
+    opt.step()
+    return loss.item(), norm.item()
+
+
+def parameter_errors(ep_model, ref_model):
+    full = dict(ref_model.named_parameters())
+    return max(max_err(p, shard_of(ep_model, n, full[global_name(n)]))
+               for n, p in ep_model.named_parameters())
+
+
+def adam(model):
+    return torch.optim.Adam(model.parameters(), lr=3e-2)
+
+
+def make_pair(seed=0):
+    """A single-process model and its expert-parallel copy, with their optimizers."""
+    torch.manual_seed(seed)
+    ref = Net()
+    ep = P.expert_parallel(copy.deepcopy(ref))
+    return ref, ep, adam(ref), adam(ep)
+
+
+def check_training(_counts, steps=3, clip=0.05):
+    """A few Adam steps with clipping, distributed and on one process."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref, ep, ref_opt, ep_opt = make_pair()
+    sync = P.GradientSync(ep)
+    loss_err, norm_err, param_err, norms = 0.0, 0.0, [], []
+    for step in range(steps):
+        ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
+        loss, norm = distributed_step(ep, ep_opt, sync, step, clip)
+        loss_err = max(loss_err, abs(loss - ref_losses[rank]))
+        norm_err = max(norm_err, abs(norm - ref_norm))
+        norms.append(norm)
+        param_err.append(parameter_errors(ep, ref))
+    moved = max_err(dict(ep.named_parameters())["moe.experts.local.w1"],
+                    shard_of(ep, "moe.experts.local.w1", Net().moe.experts.w1))
+    return {"errors": {"loss": loss_err, "grad_norm": norm_err, "parameters": max(param_err)},
+            "norms": norms, "clip": clip, "experts_moved": moved,
+            "num_expert_params": len(sync.expert), "num_dp_params": len(sync.data_parallel)}
+
+
+def check_reshard(_counts, clip=0.05):
+    """Single process → W ranks → W/2 ranks → one process → W ranks, training a step between
+    and comparing every time with the same steps on one process (4 ranks only)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"])
+    ref, _, ref_opt, _ = make_pair()
+    errors = {}
+    # a single-process checkpoint, after one step on one process (W slices)
+    reference_step(ref, ref_opt, 0, world, clip)
+    single = {"model": copy.deepcopy(ref.state_dict()),
+              "optimizer": copy.deepcopy(ref_opt.state_dict())}
+
+    # 1 → W: load it into W ranks and take a step
+    _, ep, _, ep_opt = make_pair(seed=1)
+    P.load_full_state_dict(ep, single["model"])
+    P.load_full_optimizer_state_dict(ep, ep_opt, single["optimizer"])
+    errors["load 1 -> W"] = parameter_errors(ep, ref)
+    distributed_step(ep, ep_opt, P.GradientSync(ep), 1, clip)
+    reference_step(ref, ref_opt, 1, world, clip)
+    errors["step on W"] = parameter_errors(ep, ref)
+
+    # W → file
+    model_state, opt_state = P.full_state_dict(ep), P.full_optimizer_state_dict(ep, ep_opt)
+    if rank == 0:
+        torch.save({"model": model_state, "optimizer": opt_state}, out / "w.pt")
+        errors["W state == single state"] = max(
+            max_err(v, ref.state_dict()[k]) for k, v in model_state.items())
+        errors["W keys == single keys"] = float(list(model_state) != list(ref.state_dict()))
+    dist.barrier()
+
+    # W → W/2: two independent groups of W/2 ranks each load the file and take a step
+    halves = [dist.new_group(list(range(0, world // 2))),
+              dist.new_group(list(range(world // 2, world)))]
+    half = halves[rank // (world // 2)]
+    ck = torch.load(out / "w.pt")
+    torch.manual_seed(2)
+    ep2 = P.expert_parallel(Net(), half)
+    ep2_opt = adam(ep2)
+    P.load_full_state_dict(ep2, ck["model"])
+    P.load_full_optimizer_state_dict(ep2, ep2_opt, ck["optimizer"])
+    errors["load W -> W/2"] = parameter_errors(ep2, ref)
+    distributed_step(ep2, ep2_opt, P.GradientSync(ep2), 2, clip, group=half)
+    ref2 = Net()
+    ref2.load_state_dict(ref.state_dict())
+    ref2_opt = adam(ref2)
+    ref2_opt.load_state_dict(ref_opt.state_dict())
+    reference_step(ref2, ref2_opt, 2, world // 2, clip)
+    errors["step on W/2"] = parameter_errors(ep2, ref2)
+    half_model = P.full_state_dict(ep2)
+    half_opt = P.full_optimizer_state_dict(ep2, ep2_opt)
+    if dist.get_rank(half) == 0:
+        torch.save({"model": half_model, "optimizer": half_opt}, out / f"half{rank}.pt")
+    dist.barrier()
+
+    # W/2 → 1: one process loads the file of ranks 0..W/2-1 and takes a step
+    ck = torch.load(out / "half0.pt")
+    torch.manual_seed(3)
+    one = Net()
+    one_opt = adam(one)
+    one.load_state_dict(ck["model"])
+    one_opt.load_state_dict(ck["optimizer"])
+    errors["load W/2 -> 1"] = parameter_errors(one, ref2)
+    reference_step(one, one_opt, 3, 1, clip)
+    reference_step(ref2, ref2_opt, 3, 1, clip)
+    errors["step on 1"] = parameter_errors(one, ref2)
+
+    # 1 → W: back to every rank
+    torch.manual_seed(4)
+    back = P.expert_parallel(Net())
+    back_opt = adam(back)
+    P.load_full_state_dict(back, one.state_dict())
+    P.load_full_optimizer_state_dict(back, back_opt, one_opt.state_dict())
+    errors["load 1 -> W (back)"] = parameter_errors(back, ref2)
+    distributed_step(back, back_opt, P.GradientSync(back), 4, clip)
+    reference_step(ref2, ref2_opt, 4, world, clip)
+    errors["step on W (back)"] = parameter_errors(back, ref2)
+    for group in halves:
+        dist.destroy_process_group(group)
+    return {"errors": errors}
+
+
 def check_constructed(_counts):
     """``MoE(..., process_group=...)``: n/W experts per rank, distinct across ranks; the
     data-parallel parameters, and whatever is built after the layer, the same on every rank."""
@@ -230,6 +397,11 @@ def check_errors(_counts):
         "experts_count": lambda: MoE(D, 2 * world, k=1, process_group=dist.group.WORLD,
                                      experts=[nn.Linear(D, D) for _ in range(2 * world)]),
         "no_moe": lambda: P.expert_parallel(nn.Linear(D, D)),
+        "group": lambda: P.GradientSync(P.expert_parallel(MoE(D, world, k=1, hidden=4)),
+                                        group=dist.new_group(list(range(world)))),
+        "checkpoint": lambda: P.load_full_state_dict(
+            P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
+            MoE(D, world, k=1, hidden=4).state_dict()),
     }.items():
         try:
             make()
@@ -245,6 +417,7 @@ CHECKS = {
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
+    "training": check_training, "reshard": check_reshard,
 }
 
 

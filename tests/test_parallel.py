@@ -37,8 +37,11 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
               ("one_rank_receives", "one_rank_receives", counts),
               ("autocast", "autocast", counts),
               ("bytes", "bytes", counts),
+              ("training", "training", counts),
               ("constructed", "constructed", counts),
               ("errors", "errors", counts)]
+    if world == 4:
+        steps.append(("reshard", "reshard", counts))
     return steps
 
 
@@ -142,6 +145,22 @@ def test_exchange_bytes_are_what_travelled(runs, world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_training_steps_equal_one_process(runs, world):
+    """Adam steps with clipping: losses, gradient norms and every parameter."""
+    per_rank = results(runs, world, "training")
+    assert_errors(per_rank)
+    res = per_rank[0]
+    assert res["num_expert_params"] == 2 and res["num_dp_params"] > 2
+    assert max(res["norms"]) > res["clip"]  # clipping was active
+    assert res["experts_moved"] > 1e-3
+
+
+def test_checkpoints_reshard_4_2_1_and_back(runs):
+    worst = assert_errors(results(runs, 4, "reshard"))
+    assert "step on W (back)" in worst and worst["W keys == single keys"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_layer_built_with_a_process_group(runs, world):
     for res in results(runs, world, "constructed"):
         assert res["local_experts"] == 8 // world and res["global_experts"] == 8
@@ -158,6 +177,8 @@ def test_errors_name_what_is_wrong(runs, world):
     assert "must be a FeedForwardExperts bank" in m["shard"] and "ModuleListExperts" in m["shard"]
     assert f"= {2 * world} / {world} = 2 modules, got {2 * world}" in m["experts_count"]
     assert m["no_moe"].startswith("ValueError: model (Linear) contains no sparsemoe MoE layer")
+    assert "group must be the process group of the expert-parallel layers" in m["group"]
+    assert f"has {2 * world} experts along the first dimension" in m["checkpoint"]
 
 
 def test_errors_without_a_process_group():
