@@ -186,12 +186,13 @@ def counted_bytes(counts):
         layer(x).sum().backward()
     finally:
         P.dist.all_to_all_single = original
-    stats = layer.experts.last_exchange
+    (stats,) = P.exchange_stats(layer)
     per_row = layer.experts.local.multiply_adds_per_row
     return {"counted": sum(sent), "reported": stats.step_bytes_sent,
             "forward_counted": sum(sent[:3]), "forward_reported": stats.forward_bytes_sent,
             "compute_to_io": stats.compute_to_io,
             "expert_multiply_adds": stats.expert_multiply_adds,
+            "step_expert_multiply_adds": stats.step_expert_multiply_adds,
             "rows_computed": sum(stats.rows_received), "multiply_adds_per_row": per_row}
 
 

@@ -142,6 +142,7 @@ def test_exchange_bytes_are_what_travelled(runs, world):
         assert res["forward_reported"] == res["forward_counted"]
         assert res["compute_to_io"] == 12  # HIDDEN of parallel_checks
         assert res["expert_multiply_adds"] == res["rows_computed"] * 2 * 8 * 12
+        assert res["step_expert_multiply_adds"] == 3 * res["expert_multiply_adds"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

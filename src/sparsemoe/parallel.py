@@ -152,6 +152,13 @@ class ExchangeStats:
         return sum(self.rows_received) * self.multiply_adds_per_row
 
     @property
+    def step_expert_multiply_adds(self) -> int | None:
+        """Multiply-adds of this rank's experts in one training step: the forward and, in the
+        backward, two products of the same size per matmul (input and weight gradients)."""
+        forward = self.expert_multiply_adds
+        return None if forward is None else 3 * forward
+
+    @property
     def compute_to_io(self) -> float | None:
         """Expert multiply-adds per number entering or leaving an expert: the hidden width
         ``h`` for one-hidden-layer experts (the paper's §3.2)."""
@@ -164,6 +171,7 @@ class ExchangeStats:
         return {"forward_bytes_sent": self.forward_bytes_sent,
                 "step_bytes_sent": self.step_bytes_sent,
                 "expert_multiply_adds": self.expert_multiply_adds,
+                "step_expert_multiply_adds": self.step_expert_multiply_adds,
                 "compute_to_io": self.compute_to_io,
                 "rows_computed": sum(self.rows_received)}
 
@@ -337,6 +345,13 @@ def expert_parallel(model: nn.Module, group: ProcessGroup | None = None) -> nn.M
 
 def _expert_banks(model: nn.Module) -> dict[str, ExpertParallel]:
     return {name: m for name, m in model.named_modules() if isinstance(m, ExpertParallel)}
+
+
+def exchange_stats(model: nn.Module) -> list[ExchangeStats]:
+    """The :class:`ExchangeStats` of every expert-parallel layer of ``model`` from its last
+    forward (empty for a model without them, or before its first forward)."""
+    banks = _expert_banks(model).values()
+    return [b.last_exchange for b in banks if b.last_exchange is not None]
 
 
 def _common_group(banks: dict[str, ExpertParallel]) -> ProcessGroup | None:
