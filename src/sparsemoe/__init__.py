@@ -6,10 +6,11 @@ The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`Hierarchical
 (DeepSeekMoE, Qwen2-MoE) and :class:`ConditionalMoE` (NLLB). Training helper:
 :func:`aux_loss`. The functional core is :mod:`sparsemoe.functional`, the routers
 :mod:`sparsemoe.routers`, the expert banks :mod:`sparsemoe.experts`, the token dispatch
-:mod:`sparsemoe.dispatch`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`.
+:mod:`sparsemoe.dispatch`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
+expert parallelism over ``torch.distributed`` :mod:`sparsemoe.parallel`.
 """
 
-from . import dispatch, functional, interop, routers
+from . import dispatch, functional, interop, parallel, routers
 from .dispatch import Capacity
 from .experts import FeedForwardExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
@@ -34,5 +35,6 @@ __all__ = [
     "dispatch",
     "functional",
     "interop",
+    "parallel",
     "routers",
 ]
