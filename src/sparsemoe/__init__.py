@@ -7,10 +7,11 @@ The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`Hierarchical
 :func:`aux_loss`. The functional core is :mod:`sparsemoe.functional`, the routers
 :mod:`sparsemoe.routers`, the expert banks :mod:`sparsemoe.experts`, the token dispatch
 :mod:`sparsemoe.dispatch`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
-the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`.
+the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`, expert parallelism over
+``torch.distributed`` :mod:`sparsemoe.parallel`.
 """
 
-from . import dispatch, functional, interop, optim, routers
+from . import dispatch, functional, interop, optim, parallel, routers
 from .dispatch import Capacity
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
@@ -37,5 +38,6 @@ __all__ = [
     "functional",
     "interop",
     "optim",
+    "parallel",
     "routers",
 ]

@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .experiments import lm
+from .experiments.processes import ExpertParallelRanks, OneProcess
 from .models.lstm_lm import PRESET_SETS, PRESETS, LMConfig
 
 
@@ -57,10 +58,15 @@ def _lm_train(args: argparse.Namespace) -> None:
     if args.preset is None and "num_experts" not in model and "middle" not in model:
         raise SystemExit("lm train: give --preset NAME or a model (--experts N --k K ...)")
     cfg = _train_config(args, preset=args.preset, model=model)
-    metrics = lm.Trainer(cfg).run()
+    processes = ExpertParallelRanks.start() if args.expert_parallel else OneProcess()
+    try:
+        metrics = lm.Trainer(cfg, processes=processes).run()
+    finally:
+        processes.close()
     keys = ("valid_perplexity", "test_perplexity", "tokens_per_second", "params_total",
-            "params_active_per_token", "multiply_adds_per_token", "load")
-    print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+            "params_active_per_token", "multiply_adds_per_token", "load", "exchange")
+    if processes.rank == 0:
+        print(json.dumps({k: metrics[k] for k in keys}, indent=1))
 
 
 def _lm_eval(args: argparse.Namespace) -> None:
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--d-model", dest="d_model", type=int, default=None)
     train.add_argument("--groups", type=int, default=None, help="hierarchical MoE groups")
     train.add_argument("--dropout", type=float, default=None)
+    train.add_argument("--expert-parallel", action="store_true",
+                       help="spread the experts over the ranks that torchrun starts (gloo on "
+                            "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
+                            "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
+                            "--expert-parallel")
     _training_args(train)
     train.set_defaults(func=_lm_train)
 

@@ -125,6 +125,13 @@ class FeedForwardExperts(nn.Module):
         _init_like_linear(self.w1, self.b1)
         _init_like_linear(self.w2, self.b2)
 
+    @property
+    def multiply_adds_per_row(self) -> int:
+        """Multiply-adds of one row through its expert (biases and activation not counted):
+        ``d·h + h·d`` (``d·2h + h·d`` when gated). Over the ``2d`` numbers that enter and leave
+        the expert this is ``h``: the paper's compute-to-I/O ratio (Shazeer et al. 2017, §3.2)."""
+        return self.d_model * self.w1.shape[-1] + self.hidden * self.d_model
+
     def forward(self, x: Tensor, routes: Routes) -> Tensor:
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, routes, use_reentrant=False)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ._checks import autocast_dtype, check_float_tensor, check_like, check_number
 from .dispatch import Capacity, capacity_mask, dispatch_combine, equal_routes
 from .experts import FeedForwardExperts, ModuleListExperts, resolve_activation
+from .parallel import ExpertParallel, ProcessGroup, local_share, rank_seeded
 from .routers import (
     BASERouter,
     HierarchicalNoisyTopKRouter,
@@ -255,23 +256,42 @@ def _expert_bank(
     bias: bool,
     impl: str,
     recompute: bool,
+    process_group: ProcessGroup | None = None,
 ) -> nn.Module:
-    if experts is None:
-        if hidden is None:
-            raise ValueError("hidden (the experts' hidden width) is required unless experts= "
-                             "gives the expert modules, got hidden=None")
-        return FeedForwardExperts(num_experts, d_model, hidden, activation=activation,
-                                  bias=bias, impl=impl, recompute=recompute)
-    if hidden is not None:
+    """The layer's bank of ``num_experts`` experts; with a process group, this rank's share of
+    them wrapped in :class:`~sparsemoe.parallel.ExpertParallel`."""
+    if hidden is not None and experts is not None:
         raise ValueError(f"give either hidden or experts=, not both (got hidden={hidden})")
-    if recompute:
+    if experts is None and hidden is None:
+        raise ValueError("hidden (the experts' hidden width) is required unless experts= "
+                         "gives the expert modules, got hidden=None")
+    if experts is not None and recompute:
         raise ValueError("recompute=True applies to the feed-forward experts built from "
                          "hidden=, got experts= modules; wrap them in "
                          "torch.utils.checkpoint instead")
-    if len(experts) != num_experts:
-        raise ValueError(f"experts must hold num_experts = {num_experts} modules, "
-                         f"got {len(experts)}")
-    return ModuleListExperts(experts)
+
+    def feed_forward(n: int) -> FeedForwardExperts:
+        return FeedForwardExperts(n, d_model, hidden, activation=activation, bias=bias,
+                                  impl=impl, recompute=recompute)
+
+    if process_group is None:
+        if experts is None:
+            return feed_forward(num_experts)
+        if len(experts) != num_experts:
+            raise ValueError(f"experts must hold num_experts = {num_experts} modules, "
+                             f"got {len(experts)}")
+        return ModuleListExperts(experts)
+    n_local, _ = local_share(num_experts, process_group)
+    if experts is None:
+        with rank_seeded(process_group):  # distinct experts on every rank
+            local = feed_forward(n_local)
+    elif len(experts) != n_local:
+        raise ValueError(f"with a process group, experts must hold this rank's num_experts / "
+                         f"world size = {num_experts} / "
+                         f"{num_experts // n_local} = {n_local} modules, got {len(experts)}")
+    else:
+        local = ModuleListExperts(experts)
+    return ExpertParallel(local, process_group)
 
 
 class MoE(MoELayer):
@@ -300,6 +320,11 @@ class MoE(MoELayer):
         capacity: a :class:`~sparsemoe.dispatch.Capacity` (None: dropless, the paper's layer).
         recompute: recompute the experts' hidden activations in the backward pass instead of
             keeping them (Appendix D's memory saving; see :class:`FeedForwardExperts`).
+        process_group: expert parallelism (:mod:`sparsemoe.parallel`): the experts are spread
+            over the group's ``W`` ranks, ``num_experts / W`` on each (``experts`` then holds
+            this rank's modules), and tokens travel to them. The local experts are initialised
+            from a stream of the rank's own; to start from a single-process model's weights,
+            build it on every rank and call :func:`sparsemoe.parallel.expert_parallel`.
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.
@@ -328,13 +353,14 @@ class MoE(MoELayer):
         impl: str = "auto",
         capacity: Capacity | None = None,
         recompute: bool = False,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         router = NoisyTopKRouter(
             d_model, num_experts, k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
             w_importance=w_importance, w_load=w_load,
         )
         bank = _expert_bank(num_experts, d_model, hidden, experts, activation, bias, impl,
-                            recompute)
+                            recompute, process_group)
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)
 
@@ -353,8 +379,10 @@ class HierarchicalMoE(MoELayer):
         experts_per_group: ``b``.
         k_primary, k_secondary: choices per level (paper: 2 and 2).
         hidden, experts, activation, output_activation, noisy_gating, noise_epsilon,
-        w_importance, w_load, bias, impl, capacity, recompute: as in :class:`MoE`; ``experts``
-        must then hold ``a·b`` modules, group ``i``'s expert ``j`` at index ``i·b + j``.
+        w_importance, w_load, bias, impl, capacity, recompute, process_group: as in
+        :class:`MoE`;
+        ``experts`` must then hold ``a·b`` modules (``a·b / W`` with a process group), group
+        ``i``'s expert ``j`` at index ``i·b + j``.
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.
@@ -380,6 +408,7 @@ class HierarchicalMoE(MoELayer):
         impl: str = "auto",
         capacity: Capacity | None = None,
         recompute: bool = False,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         router = HierarchicalNoisyTopKRouter(
             d_model, groups, experts_per_group, k_primary, k_secondary,
@@ -387,7 +416,8 @@ class HierarchicalMoE(MoELayer):
             w_importance=w_importance, w_load=w_load,
         )
         bank = _expert_bank(
-            router.num_experts, d_model, hidden, experts, activation, bias, impl, recompute
+            router.num_experts, d_model, hidden, experts, activation, bias, impl, recompute,
+            process_group,
         )
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)

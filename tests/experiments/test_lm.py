@@ -1,14 +1,25 @@
 import json
 import math
+import os
 import random
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import sparsemoe
 from sparsemoe.cli import main
-from sparsemoe.experiments.lm import TrainConfig, Trainer, evaluate, lr_factor
+from sparsemoe.experiments.lm import (
+    TrainConfig,
+    Trainer,
+    evaluate,
+    evaluate_checkpoint,
+    lr_factor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +121,38 @@ def test_train_needs_a_model(corpus_file, tmp_path):
         main(["lm", "train", "--corpus", corpus_file, "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="give steps or time_budget"):
         TrainConfig(steps=None)
+
+
+def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpus_file,
+                                                                             tmp_path):
+    """One process trains 2 steps; torchrun's 2 gloo ranks resume to 4 with the experts spread
+    over them (only rank 0 prints); one process evaluates their checkpoint, and resumes it."""
+    run = tmp_path / "run"
+    model = ["--corpus", corpus_file, "--experts", "4", "--k", "2", "--hidden", "16",
+             "--d-model", "8", "--batch-size", "4", "--bptt", "5", "--eval-every", "2",
+             "--out", str(run)]
+    main(["lm", "train", "--steps", "2", *model])
+    src = str(Path(sparsemoe.__file__).parents[1])  # this checkout's package in the ranks
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sparsemoe.cli", "lm", "train", "--steps", "4", *model, "--expert-parallel"],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("valid perplexity") == 1 and out.count("{") == 3  # rank 0 only
+    printed = json.loads(out[out.index("{"):])
+    exchange = printed["exchange"]
+    assert exchange["world_size"] == 2 and exchange["bytes_sent_per_step"] > 0
+    assert exchange["compute_to_io"] == 16  # the expert hidden width (§3.2)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and len(metrics["history"]["train_loss"]) == 4
+    assert metrics["params_total"] == printed["params_total"]
+
+    evaluated = evaluate_checkpoint(run)  # the ranks' checkpoint in one process
+    assert evaluated["valid_perplexity"] == pytest.approx(metrics["valid_perplexity"], rel=1e-5)
+    main(["lm", "train", "--steps", "5", *model])  # resumed in one process
+    history = json.loads((run / "metrics.json").read_text())["history"]
+    assert history["train_loss"][:4] == metrics["history"]["train_loss"]
+    assert len(history["train_loss"]) == 5

@@ -8,6 +8,11 @@ not say; it protects the short CPU runs from early LSTM spikes).
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, scheduler, RNG state, data position
 and recurrent state: resuming continues exactly, loss for loss) and ``metrics.json``.
+
+With expert parallelism (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`, under
+``torchrun``) the MoE layers' experts are spread over the ranks and each rank trains on its
+share of every batch's streams; the checkpoint is the single-process one, so a run can be
+resumed on another number of ranks or on one process, and back. Only rank 0 writes and logs.
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ from ..models.lstm_lm import (
     multiply_adds_per_token,
     parameter_counts,
 )
+from ..parallel import (
+    exchange_stats,
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+)
+from .processes import ONE_PROCESS, OneProcess
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
@@ -77,29 +90,33 @@ def lr_factor(step: int, warmup: int) -> float:
 
 
 @torch.no_grad()
-def stream_forward(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int):
+def stream_forward(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int,
+                   processes: OneProcess = ONE_PROCESS):
     """Run ``model`` over ``tokens`` in evaluation batches, carrying the recurrent state along
     each stream (from zero at the start and whenever the batch width changes).
 
     Yields ``(logits [b, l, V], targets [b, l], positions [b, l])``; ``positions`` index the
-    input tokens in ``tokens``.
+    input tokens in ``tokens``. Over several processes, each gets its share of the ``b``
+    streams (possibly none).
     """
     state, width = None, None
     for inputs, targets, positions in eval_batches(tokens, batch_size, bptt):
         if inputs.shape[0] != width:
             state, width = None, inputs.shape[0]
+        inputs, targets, positions = map(processes.shard, (inputs, targets, positions))
         logits, state = model(inputs, state)
         yield logits, targets, positions
 
 
 def evaluate(
     model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int,
-    max_tokens: int | None = None,
+    max_tokens: int | None = None, processes: OneProcess = ONE_PROCESS,
 ) -> dict:
     """Per-token negative log-likelihood of ``tokens`` (every token after the first, ``<eos>``
     included) and its perplexity exp(mean NLL); plus the MoE layers' tokens per expert.
 
-    ``model(inputs [B, L], state) -> (logits [B, L, V], state)``.
+    ``model(inputs [B, L], state) -> (logits [B, L, V], state)``. Over several processes each
+    evaluates its share of the streams and the sums are taken over all of them.
     """
     if max_tokens is not None:
         tokens = tokens[: max_tokens + 1]
@@ -108,7 +125,7 @@ def evaluate(
     moe = [m for m in model.modules() if isinstance(m, MoELayer)]
     load = [0] * len(moe)
     nll, count = 0.0, 0
-    for logits, targets, _ in stream_forward(model, tokens, batch_size, bptt):
+    for logits, targets, _ in stream_forward(model, tokens, batch_size, bptt, processes):
         if logits.dtype not in (torch.float32, torch.float64):
             logits = logits.float()  # sum the log-likelihood in at least float32
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -116,8 +133,10 @@ def evaluate(
         count += targets.numel()
         load = [total + m.stats.tokens_per_expert for total, m in zip(load, moe, strict=True)]
     model.train(was_training)
+    nll, count = processes.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
+    load = [processes.sum(t).cpu() if isinstance(t, Tensor) else t for t in load]
     mean = nll / max(count, 1)
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": count,
+    return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count),
             "tokens_per_expert": [t.tolist() for t in load if isinstance(t, Tensor)]}
 
 
@@ -132,6 +151,14 @@ def load_statistics(tokens_per_expert: list[list[int]]) -> dict:
             "experts_unused": int((t == 0).sum())}
 
 
+def _si(value: float, unit: str) -> str:
+    """``value`` with a decimal prefix: 1.3kB, 45.0M."""
+    for prefix, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.1f}{prefix}{unit}"
+    return f"{value:.0f}{unit}"
+
+
 def _save(path: Path, obj: object) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(obj, tmp)
@@ -141,14 +168,23 @@ def _save(path: Path, obj: object) -> None:
 class Trainer:
     """One training run: ``Trainer(cfg).run()`` → metrics (also in ``cfg.out/metrics.json``).
 
-    If ``cfg.out`` holds a checkpoint of the same configuration, the run resumes from it.
+    If ``cfg.out`` holds a checkpoint of the same configuration, the run resumes from it,
+    whatever the number of processes that wrote it. ``processes`` spreads the run over
+    several (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`); every one of them
+    then calls :meth:`run`, and only rank 0 shows progress and writes files.
     """
 
     def __init__(self, cfg: TrainConfig, corpus: Corpus | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, processes: OneProcess = ONE_PROCESS) -> None:
+        if cfg.batch_size % processes.world_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number "
+                             f"of processes ({processes.world_size}): each takes an equal "
+                             f"share of the streams")
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.progress = progress
+        self.processes = processes
+        self.root = processes.rank == 0
+        self.progress = progress and self.root
         ckpt_path = self.out / CHECKPOINT
         self.ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
         if self.ckpt is not None:
@@ -159,11 +195,12 @@ class Trainer:
                                  f"({saved}); use another --out or the same settings")
             vocab = Vocabulary(self.ckpt["vocab"])
             corpus = corpus if corpus is not None and corpus.vocab.words == vocab.words else \
-                load_corpus(cfg.corpus, vocab=vocab)
-        self.corpus = corpus if corpus is not None else load_corpus(cfg.corpus, cfg.vocab_size)
+                processes.root_first(lambda: load_corpus(cfg.corpus, vocab=vocab))
+        self.corpus = corpus if corpus is not None else \
+            processes.root_first(lambda: load_corpus(cfg.corpus, cfg.vocab_size))
         torch.manual_seed(cfg.seed)
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
-        self.model = LSTMLanguageModel(self.model_cfg)
+        self.model = processes.prepare(LSTMLanguageModel(self.model_cfg))
         # fused: one pass per parameter; on 2 CPU cores 76 ms instead of 430 ms per step for
         # the 17M expert parameters of MoE-256 (foreach implementation)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
@@ -175,29 +212,40 @@ class Trainer:
         self.train_seconds = 0.0
         self.history: dict[str, list] = {"step": [], "train_loss": [], "valid_step": [],
                                          "valid_perplexity": []}
+        # this invocation's expert-parallel exchanges (summed over steps and layers)
+        self.exchange = {"steps": 0, "bytes_sent": 0, "expert_multiply_adds": 0}
         if self.ckpt is not None:
             self._restore(self.ckpt)
 
     def _restore(self, ck: dict) -> None:
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        load_full_state_dict(self.model, ck["model"])
+        load_full_optimizer_state_dict(self.model, self.opt, ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.batcher.load_state_dict(ck["data"])
-        torch.set_rng_state(ck["rng"])
-        self.state = ck["recurrent_state"]
+        rng = ck["rng"]
+        self.processes.set_rng_states(rng if isinstance(rng, list) else [rng])  # one process's
+        state = ck["recurrent_state"]  # per LSTM (h, c), each [1, B, d]: this rank's streams
+        self.state = None if state is None else \
+            tuple(tuple(self.processes.shard(t, dim=1) for t in layer) for layer in state)
         self.step, self.train_seconds, self.history = ck["step"], ck["train_seconds"], \
             ck["history"]
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        _save(self.out / CHECKPOINT, {
+        """Write the checkpoint in the single-process layout (every process must call it)."""
+        state = None if self.state is None else tuple(
+            tuple(self.processes.gather_streams(t, dim=1).cpu() for t in layer)
+            for layer in self.state)
+        ck = {
             "config": asdict(self.cfg), "model_config": asdict(self.model_cfg),
-            "vocab": self.corpus.vocab.words, "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "data": self.batcher.state_dict(), "rng": torch.get_rng_state(),
-            "recurrent_state": self.state, "step": self.step,
+            "vocab": self.corpus.vocab.words, "model": full_state_dict(self.model),
+            "optimizer": full_optimizer_state_dict(self.model, self.opt),
+            "scheduler": self.sched.state_dict(), "data": self.batcher.state_dict(),
+            "rng": self.processes.rng_states(), "recurrent_state": state, "step": self.step,
             "train_seconds": self.train_seconds, "history": self.history,
-        })
+        }
+        if self.root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _save(self.out / CHECKPOINT, ck)
 
     def _done(self) -> bool:
         c = self.cfg
@@ -205,8 +253,9 @@ class Trainer:
             (c.time_budget is not None and self.train_seconds >= c.time_budget)
 
     def train_step(self) -> float:
-        """One optimiser step; returns the cross-entropy (without the auxiliary loss)."""
-        inputs, targets = self.batcher.next()
+        """One optimiser step; returns the cross-entropy of the whole batch (without the
+        auxiliary loss)."""
+        inputs, targets = map(self.processes.shard, self.batcher.next())  # this rank's streams
         if self.batcher.epoch_start:
             self.state = None
         logits, state = self.model(inputs, self.state)
@@ -214,15 +263,35 @@ class Trainer:
         loss = ce + aux_loss(self.model) if self.model.moe_layers() else ce
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.processes.clip_grad_norm_(self.model, self.cfg.clip)
         self.opt.step()
         self.sched.step()
         self.state = tuple((h.detach(), c.detach()) for h, c in state)
-        return ce.item()
+        for stats in exchange_stats(self.model):
+            self.exchange["bytes_sent"] += stats.step_bytes_sent
+            self.exchange["expert_multiply_adds"] += stats.step_expert_multiply_adds or 0
+        self.exchange["steps"] += 1
+        return self.processes.sum(ce.detach()).item() / self.processes.world_size
 
     def validate(self, max_tokens: int | None) -> dict:
         return evaluate(self.model, self.corpus.valid, self.cfg.batch_size, self.cfg.bptt,
-                        max_tokens)
+                        max_tokens, self.processes)
+
+    def exchange_per_step(self) -> dict:
+        """Expert parallelism's traffic per training step and rank, averaged over this
+        invocation's steps and the ranks, next to the experts' multiply-adds (empty without
+        expert-parallel layers). Their ratio is the paper's compute-to-I/O argument (§3.2)."""
+        if not exchange_stats(self.model):
+            return {}
+        totals = torch.tensor([self.exchange["bytes_sent"], self.exchange["expert_multiply_adds"]],
+                              dtype=torch.float64)
+        sent, madds = (self.processes.sum(totals).cpu() / self.processes.world_size
+                       / max(self.exchange["steps"], 1)).tolist()
+        compute_to_io = exchange_stats(self.model)[0].compute_to_io
+        return {"world_size": self.processes.world_size, "bytes_sent_per_step": sent,
+                "expert_multiply_adds_per_step": madds,
+                "multiply_adds_per_byte_sent": madds / sent if sent else None,
+                "compute_to_io": compute_to_io}
 
     def run(self) -> dict:
         c = self.cfg
@@ -242,14 +311,20 @@ class Trainer:
                     "tok/s": f"{self.step * tokens_per_step / self.train_seconds:,.0f}"}
             if moe:
                 post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
+            exchanged = exchange_stats(self.model)
+            if exchanged:  # this rank's last step: bytes sent, expert multiply-adds
+                post["sent"] = _si(sum(e.step_bytes_sent for e in exchanged), "B")
+                post["expert madds"] = _si(sum(e.step_expert_multiply_adds or 0
+                                               for e in exchanged), "")
             bar.set_postfix(post, refresh=False)
             bar.update()
             if self.step % c.eval_every == 0:
                 v = self.validate(c.eval_tokens)
                 self.history["valid_step"].append(self.step)
                 self.history["valid_perplexity"].append(v["perplexity"])
-                bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
-                          f"(first {v['tokens']:,} tokens)")
+                if self.progress:
+                    bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
+                              f"(first {v['tokens']:,} tokens)")
                 self.save()
         bar.close()
         self.save()
@@ -259,8 +334,10 @@ class Trainer:
         """Full validation and test evaluation; writes and returns ``metrics.json``."""
         c = self.cfg
         valid = self.validate(None)
-        test = evaluate(self.model, self.corpus.test, c.batch_size, c.bptt)
-        counts = parameter_counts(self.model)
+        test = evaluate(self.model, self.corpus.test, c.batch_size, c.bptt,
+                        processes=self.processes)
+        with torch.device("meta"):  # the whole model's counts, however its experts are spread
+            counts = parameter_counts(LSTMLanguageModel(self.model_cfg))
         metrics = {
             "preset": c.preset, "corpus": self.corpus.name,
             "valid_perplexity": valid["perplexity"], "test_perplexity": test["perplexity"],
@@ -275,10 +352,12 @@ class Trainer:
             "num_experts": self.model_cfg.num_experts if self.model_cfg.middle != "lstm" else 0,
             "load": load_statistics(valid["tokens_per_expert"]),
             "valid_tokens_per_expert": valid["tokens_per_expert"],
+            "exchange": self.exchange_per_step(),
             "history": self.history, "config": asdict(c), "model_config": asdict(self.model_cfg),
         }
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / METRICS).write_text(json.dumps(metrics, indent=1))
+        if self.root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / METRICS).write_text(json.dumps(metrics, indent=1))
         return metrics
 
 

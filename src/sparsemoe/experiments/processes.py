@@ -1,0 +1,168 @@
+"""How a training run uses its processes: all of it in this one (:class:`OneProcess`, the
+default), or spread over the ranks of a ``torch.distributed`` process group with expert
+parallelism (:class:`ExpertParallelRanks`, ``sparsemoe lm train --expert-parallel`` under
+``torchrun``).
+
+The trainer is written once against :class:`OneProcess`'s methods; the distributed version
+overrides them, so the training loop holds no ``if distributed:``. With ``W`` ranks every
+rank reads the same batches of ``B`` streams and takes its own ``B/W`` of them
+(:meth:`~OneProcess.shard`); each rank's loss is the mean over its streams, so the mean over
+the ranks is the loss of the whole batch, as on one process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .. import parallel
+
+T = TypeVar("T")
+
+
+class OneProcess:
+    """A run in this process only: every method is the identity or torch's own."""
+
+    rank = 0
+    world_size = 1
+    device = torch.device("cpu")
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """The model to train, on :attr:`device`."""
+        return model.to(self.device)
+
+    def root_first(self, load: Callable[[], T]) -> T:
+        """``load()``; in a distributed run rank 0 calls it before the others (it may fill a
+        cache that they then read)."""
+        return load()
+
+    def shard(self, t: Tensor, dim: int = 0) -> Tensor:
+        """This process's streams of ``t`` (streams along ``dim``), on :attr:`device`."""
+        return t.to(self.device)
+
+    def gather_streams(self, t: Tensor, dim: int) -> Tensor:
+        """Every process's streams of ``t`` (streams along ``dim``), in rank order."""
+        return t
+
+    def sum(self, t: Tensor) -> Tensor:
+        """``t`` summed over the processes."""
+        return t
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        """Make the gradients those of the whole batch's loss and clip their global norm."""
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def rng_states(self) -> list[Tensor]:
+        """The CPU random state of every process, in rank order (rank 0 gets them all)."""
+        return [torch.get_rng_state()]
+
+    def set_rng_states(self, states: list[Tensor]) -> None:
+        """Continue the random streams saved by :meth:`rng_states`."""
+        torch.set_rng_state(states[0])
+
+    def close(self) -> None:
+        """Leave the process group (nothing to leave here)."""
+
+
+class ExpertParallelRanks(OneProcess):
+    """A run over the ranks of the default process group: the MoE layers' experts are spread
+    over the ranks (:func:`sparsemoe.parallel.expert_parallel`), everything else is
+    data-parallel (:class:`sparsemoe.parallel.GradientSync`).
+
+    Build it with :meth:`start` in a process that ``torchrun`` launched (or after
+    ``torch.distributed.init_process_group``). Every rank draws dropout masks and gating noise
+    from a random stream of its own.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        if not dist.is_initialized():
+            raise RuntimeError("ExpertParallelRanks needs an initialised default process group; "
+                               "use ExpertParallelRanks.start() under torchrun")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.device = device
+        self.sync: parallel.GradientSync | None = None
+
+    @classmethod
+    def start(cls) -> ExpertParallelRanks:
+        """Join the process group that ``torchrun`` describes in the environment: NCCL and
+        the GPU ``LOCAL_RANK`` where CUDA is available, gloo on the CPU otherwise.
+
+        Raises:
+            RuntimeError: the environment does not describe a process group.
+        """
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+                   if v not in os.environ]
+        if missing:
+            raise RuntimeError(
+                f"expert parallelism runs under torchrun, which sets {', '.join(missing)}: "
+                f"torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
+                f"--expert-parallel")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            device = torch.device("cpu")
+            dist.init_process_group("gloo")
+        return cls(device)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        # The same weights on every rank (the same seed) before sharding: the run starts from
+        # the single-process model.
+        model = parallel.expert_parallel(model).to(self.device)
+        self.sync = parallel.GradientSync(model)
+        self._fork_rng()
+        return model
+
+    def _fork_rng(self) -> None:
+        # one draw from the common stream, offset by the rank
+        torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+
+    def root_first(self, load: Callable[[], T]) -> T:
+        if self.rank != 0:
+            dist.barrier()  # wait for rank 0's load
+        value = load()
+        if self.rank == 0:
+            dist.barrier()
+        return value
+
+    def shard(self, t: Tensor, dim: int = 0) -> Tensor:
+        return t.tensor_split(self.world_size, dim)[self.rank].to(self.device)
+
+    def gather_streams(self, t: Tensor, dim: int) -> Tensor:
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim)
+
+    def sum(self, t: Tensor) -> Tensor:
+        t = t.to(self.device, copy=True)
+        dist.all_reduce(t)
+        return t
+
+    def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
+        self.sync.sync()
+        return self.sync.clip_grad_norm_(max_norm)
+
+    def rng_states(self) -> list[Tensor]:
+        states = [None] * self.world_size
+        dist.all_gather_object(states, torch.get_rng_state())
+        return states
+
+    def set_rng_states(self, states: list[Tensor]) -> None:
+        if len(states) == self.world_size:
+            torch.set_rng_state(states[self.rank])
+        else:  # saved by another number of processes: rank 0's stream, forked per rank
+            torch.set_rng_state(states[0])
+            self._fork_rng()
+
+    def close(self) -> None:
+        dist.destroy_process_group()
+
+
+ONE_PROCESS = OneProcess()
+"""The default: a run in this process only."""

@@ -1,0 +1,443 @@
+"""Checks that run on every rank of a gloo process group, spawned by ``test_parallel.py``.
+
+Each check compares what the expert-parallel model computes on this rank with the
+single-process model computed here, on the same weights and the same inputs: every rank
+holds the whole batch (one slice per rank), runs its own slice through the distributed model
+and every slice through the single-process one. Checks return their largest errors; the tests
+assert on them in the parent process, and a failing check reports its traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from helpers import randomise_gates
+from torch import nn
+
+from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
+from sparsemoe import parallel as P
+
+D, HIDDEN, EXPERTS = 8, 12, 8
+
+
+def max_err(a, b, relative=False) -> float:
+    """max |a − b|, or divided by max |b| when ``relative``."""
+    if not a.numel():
+        return 0.0
+    b = b.detach().double()
+    err = float((a.detach().double() - b).abs().max())
+    return err / max(float(b.abs().max()), 1e-30) if relative else err
+
+
+def global_name(name: str) -> str:
+    return name.replace("experts.local.", "experts.")
+
+
+def shard_of(ep_model, name, full):
+    """The slice of a single-process tensor that ``ep_model``'s parameter ``name`` holds."""
+    if "experts.local." not in name:
+        return full
+    bank = ep_model.get_submodule(name.split(".local.")[0])
+    return full[bank.first_expert : bank.first_expert + bank.num_local_experts]
+
+
+def slices(world, counts, seed, width=D):
+    """The same per-rank inputs on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(c, width, generator=g) for c in counts]
+
+
+def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=False):
+    """Outputs, auxiliary loss and every gradient of the expert-parallel layer on this rank
+    against the single-process layer on this rank's slice; the expert gradients against the
+    sum over every rank's slice."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed)
+    ref = make_layer()
+    if gates:
+        randomise_gates(ref, seed)
+    ep = P.expert_parallel(copy.deepcopy(ref))
+    ref.train(training)
+    ep.train(training)
+    xs = slices(world, counts, seed + 1)
+    probes = slices(world, counts, seed + 2)
+
+    def loss_of(layer, x, r):
+        torch.manual_seed(seed + 10 + r)  # the same noise for slice r in both layers
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        return y, (y.float() * probes[r]).sum() + layer.aux_loss
+
+    x = xs[rank].clone().requires_grad_(True)
+    y, loss = loss_of(ep, x, rank)
+    loss.backward()
+
+    params = dict(ref.named_parameters())
+    expert_total = {n: torch.zeros_like(p) for n, p in params.items() if ".experts." in f".{n}"}
+    for r in range(world):
+        xr = xs[r].clone().requires_grad_(True)
+        yr, lr = loss_of(ref, xr, r)
+        grads = torch.autograd.grad(lr, [xr, *params.values()], allow_unused=True,
+                                    materialize_grads=True)
+        named = dict(zip(params, grads[1:], strict=True))
+        for n in expert_total:
+            expert_total[n] += named[n]
+        if r == rank:
+            y_ref, aux_ref, x_grad_ref, own = yr, ref.aux_loss, grads[0], named
+    rel = autocast  # bfloat16: relative errors
+    errors = {"output": max_err(y, y_ref, rel), "aux_loss": max_err(ep.aux_loss, aux_ref, rel),
+              "x_grad": max_err(x.grad, x_grad_ref, rel)}
+    for name, p in ep.named_parameters():
+        g = global_name(name)
+        want = shard_of(ep, name, expert_total[g]) if g in expert_total else own[g]
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)  # unused (w_noise in eval)
+        errors[f"grad {g}"] = max_err(grad, want, rel)
+    exchange = ep.experts.last_exchange
+    return {"errors": errors, "rows_sent": exchange.rows_sent,
+            "rows_received": exchange.rows_received, "tokens": counts[rank],
+            "dropped": ep.stats.dropped_pairs.item() if ep.stats.dropped_pairs is not None
+            else None}
+
+
+def top_k_layer():
+    return MoE(D, EXPERTS, k=2, hidden=HIDDEN)
+
+
+def check_top_k(counts):
+    return equivalence(top_k_layer, counts)
+
+
+def check_top_k_eval(counts):
+    return equivalence(top_k_layer, counts, training=False)
+
+
+def switch_layer():
+    return MoELayer(routers.SwitchRouter(D, EXPERTS), FeedForwardExperts(EXPERTS, D, HIDDEN),
+                    capacity=Capacity(factor=1.0, minimum=1))
+
+
+def expert_choice_layer():
+    bank = FeedForwardExperts(EXPERTS, D, HIDDEN, activation="swiglu", bias=True)
+    return MoELayer(routers.ExpertChoiceRouter(D, EXPERTS), bank)
+
+
+def hierarchical_layer():
+    return HierarchicalMoE(D, 2, EXPERTS // 2, hidden=HIDDEN)
+
+
+def check_switch_capacity(counts):
+    return equivalence(switch_layer, counts)
+
+
+def check_expert_choice(counts):
+    return equivalence(expert_choice_layer, counts)
+
+
+def check_hierarchical(counts):
+    return equivalence(hierarchical_layer, counts)
+
+
+def check_autocast(counts):
+    return equivalence(top_k_layer, counts, autocast=True)
+
+
+def one_rank_layer():
+    """Every token chooses experts 0 and 1, which live on rank 0: the other ranks receive
+    nothing."""
+    layer = MoELayer(routers.TopKRouter(D, EXPERTS, k=2, bias=True),
+                     FeedForwardExperts(EXPERTS, D, HIDDEN))
+    with torch.no_grad():
+        layer.router.b_gate.copy_(torch.tensor([50.0, 40.0] + [0.0] * (EXPERTS - 2)))
+    return layer
+
+
+def check_one_rank_receives(counts):
+    return equivalence(one_rank_layer, counts, gates=False)
+
+
+def counted_bytes(counts):
+    """ExchangeStats against the bytes that really went through ``all_to_all_single`` (forward
+    and backward), counted by a wrapper around it."""
+    rank = dist.get_rank()
+    sent = []
+    original = dist.all_to_all_single
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None):
+        rows = input_split_sizes or [input.shape[0] // dist.get_world_size(group)] * \
+            dist.get_world_size(group)
+        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
+        sent.append(sum(r for j, r in enumerate(rows) if j != rank) * row_bytes)
+        return original(output, input, output_split_sizes, input_split_sizes, group=group)
+
+    torch.manual_seed(0)
+    layer = P.expert_parallel(top_k_layer())
+    randomise_gates(layer, 0)
+    x = slices(dist.get_world_size(), counts, 1)[rank].requires_grad_(True)
+    P.dist.all_to_all_single = counting
+    try:
+        layer(x).sum().backward()
+    finally:
+        P.dist.all_to_all_single = original
+    (stats,) = P.exchange_stats(layer)
+    per_row = layer.experts.local.multiply_adds_per_row
+    return {"counted": sum(sent), "reported": stats.step_bytes_sent,
+            "forward_counted": sum(sent[:3]), "forward_reported": stats.forward_bytes_sent,
+            "compute_to_io": stats.compute_to_io,
+            "expert_multiply_adds": stats.expert_multiply_adds,
+            "step_expert_multiply_adds": stats.step_expert_multiply_adds,
+            "rows_computed": sum(stats.rows_received), "multiply_adds_per_row": per_row}
+
+
+class Net(nn.Module):
+    """A dense layer, an MoE with its auxiliary loss, and a readout."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.moe = MoE(D, EXPERTS, k=2, hidden=HIDDEN, noise_epsilon=0.5)
+        self.out = nn.Linear(D, 3)
+
+    def forward(self, x):
+        return self.out(x + self.moe(torch.tanh(self.inp(x))))
+
+
+def batch_for(step, world_slices, per_slice=6):
+    g = torch.Generator().manual_seed(100 + step)
+    xs = torch.randn(world_slices, per_slice, D, generator=g)
+    ys = torch.randn(world_slices, per_slice, 3, generator=g)
+    return xs, ys
+
+
+def step_loss(model, x, y, noise_seed):
+    torch.manual_seed(noise_seed)
+    return nn.functional.mse_loss(model(x), y) + model.moe.aux_loss
+
+
+def reference_step(model, opt, step, world_slices, clip):
+    """One step on one process: the mean of the per-slice losses, as W ranks compute them."""
+    xs, ys = batch_for(step, world_slices)
+    losses = [step_loss(model, xs[r], ys[r], 1000 * step + r) for r in range(world_slices)]
+    opt.zero_grad()
+    torch.stack(losses).mean().backward()
+    norm = nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    return [loss.item() for loss in losses], norm.item()
+
+
+def distributed_step(model, opt, sync, step, clip, group=None):
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    xs, ys = batch_for(step, world)
+    loss = step_loss(model, xs[rank], ys[rank], 1000 * step + rank)
+    opt.zero_grad()
+    loss.backward()
+    sync.sync()
+    norm = sync.clip_grad_norm_(clip)
+    opt.step()
+    return loss.item(), norm.item()
+
+
+def parameter_errors(ep_model, ref_model):
+    full = dict(ref_model.named_parameters())
+    return max(max_err(p, shard_of(ep_model, n, full[global_name(n)]))
+               for n, p in ep_model.named_parameters())
+
+
+def adam(model):
+    return torch.optim.Adam(model.parameters(), lr=3e-2)
+
+
+def make_pair(seed=0):
+    """A single-process model and its expert-parallel copy, with their optimizers."""
+    torch.manual_seed(seed)
+    ref = Net()
+    ep = P.expert_parallel(copy.deepcopy(ref))
+    return ref, ep, adam(ref), adam(ep)
+
+
+def check_training(_counts, steps=3, clip=0.05):
+    """A few Adam steps with clipping, distributed and on one process."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref, ep, ref_opt, ep_opt = make_pair()
+    sync = P.GradientSync(ep)
+    loss_err, norm_err, param_err, norms = 0.0, 0.0, [], []
+    for step in range(steps):
+        ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
+        loss, norm = distributed_step(ep, ep_opt, sync, step, clip)
+        loss_err = max(loss_err, abs(loss - ref_losses[rank]))
+        norm_err = max(norm_err, abs(norm - ref_norm))
+        norms.append(norm)
+        param_err.append(parameter_errors(ep, ref))
+    moved = max_err(dict(ep.named_parameters())["moe.experts.local.w1"],
+                    shard_of(ep, "moe.experts.local.w1", Net().moe.experts.w1))
+    return {"errors": {"loss": loss_err, "grad_norm": norm_err, "parameters": max(param_err)},
+            "norms": norms, "clip": clip, "experts_moved": moved,
+            "num_expert_params": len(sync.expert), "num_dp_params": len(sync.data_parallel)}
+
+
+def check_reshard(_counts, clip=0.05):
+    """Single process → W ranks → W/2 ranks → one process → W ranks, training a step between
+    and comparing every time with the same steps on one process (4 ranks only)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"])
+    ref, _, ref_opt, _ = make_pair()
+    errors = {}
+    # a single-process checkpoint, after one step on one process (W slices)
+    reference_step(ref, ref_opt, 0, world, clip)
+    single = {"model": copy.deepcopy(ref.state_dict()),
+              "optimizer": copy.deepcopy(ref_opt.state_dict())}
+
+    # 1 → W: load it into W ranks and take a step
+    _, ep, _, ep_opt = make_pair(seed=1)
+    P.load_full_state_dict(ep, single["model"])
+    P.load_full_optimizer_state_dict(ep, ep_opt, single["optimizer"])
+    errors["load 1 -> W"] = parameter_errors(ep, ref)
+    distributed_step(ep, ep_opt, P.GradientSync(ep), 1, clip)
+    reference_step(ref, ref_opt, 1, world, clip)
+    errors["step on W"] = parameter_errors(ep, ref)
+
+    # W → file
+    model_state, opt_state = P.full_state_dict(ep), P.full_optimizer_state_dict(ep, ep_opt)
+    if rank == 0:
+        torch.save({"model": model_state, "optimizer": opt_state}, out / "w.pt")
+        errors["W state == single state"] = max(
+            max_err(v, ref.state_dict()[k]) for k, v in model_state.items())
+        errors["W keys == single keys"] = float(list(model_state) != list(ref.state_dict()))
+    dist.barrier()
+
+    # W → W/2: two independent groups of W/2 ranks each load the file and take a step
+    halves = [dist.new_group(list(range(0, world // 2))),
+              dist.new_group(list(range(world // 2, world)))]
+    half = halves[rank // (world // 2)]
+    ck = torch.load(out / "w.pt")
+    torch.manual_seed(2)
+    ep2 = P.expert_parallel(Net(), half)
+    ep2_opt = adam(ep2)
+    P.load_full_state_dict(ep2, ck["model"])
+    P.load_full_optimizer_state_dict(ep2, ep2_opt, ck["optimizer"])
+    errors["load W -> W/2"] = parameter_errors(ep2, ref)
+    distributed_step(ep2, ep2_opt, P.GradientSync(ep2), 2, clip, group=half)
+    ref2 = Net()
+    ref2.load_state_dict(ref.state_dict())
+    ref2_opt = adam(ref2)
+    ref2_opt.load_state_dict(ref_opt.state_dict())
+    reference_step(ref2, ref2_opt, 2, world // 2, clip)
+    errors["step on W/2"] = parameter_errors(ep2, ref2)
+    half_model = P.full_state_dict(ep2)
+    half_opt = P.full_optimizer_state_dict(ep2, ep2_opt)
+    if dist.get_rank(half) == 0:
+        torch.save({"model": half_model, "optimizer": half_opt}, out / f"half{rank}.pt")
+    dist.barrier()
+
+    # W/2 → 1: one process loads the file of ranks 0..W/2-1 and takes a step
+    ck = torch.load(out / "half0.pt")
+    torch.manual_seed(3)
+    one = Net()
+    one_opt = adam(one)
+    one.load_state_dict(ck["model"])
+    one_opt.load_state_dict(ck["optimizer"])
+    errors["load W/2 -> 1"] = parameter_errors(one, ref2)
+    reference_step(one, one_opt, 3, 1, clip)
+    reference_step(ref2, ref2_opt, 3, 1, clip)
+    errors["step on 1"] = parameter_errors(one, ref2)
+
+    # 1 → W: back to every rank
+    torch.manual_seed(4)
+    back = P.expert_parallel(Net())
+    back_opt = adam(back)
+    P.load_full_state_dict(back, one.state_dict())
+    P.load_full_optimizer_state_dict(back, back_opt, one_opt.state_dict())
+    errors["load 1 -> W (back)"] = parameter_errors(back, ref2)
+    distributed_step(back, back_opt, P.GradientSync(back), 4, clip)
+    reference_step(ref2, ref2_opt, 4, world, clip)
+    errors["step on W (back)"] = parameter_errors(back, ref2)
+    for group in halves:
+        dist.destroy_process_group(group)
+    return {"errors": errors}
+
+
+def check_constructed(_counts):
+    """``MoE(..., process_group=...)``: n/W experts per rank, distinct across ranks; the
+    data-parallel parameters, and whatever is built after the layer, the same on every rank."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    layer = MoE(D, EXPERTS, k=2, hidden=HIDDEN, process_group=dist.group.WORLD)
+    after = nn.Linear(D, D)
+
+    def gathered(t):
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t.contiguous())
+        return parts
+
+    w1 = gathered(layer.experts.local.w1)
+    same = [gathered(t) for t in (layer.router.w_gate, after.weight)]
+    x = torch.randn(5, D)
+    layer(x).sum().backward()
+    return {"local_experts": layer.experts.local.num_experts,
+            "global_experts": layer.num_experts,
+            "distinct_experts": all(not torch.equal(w1[0], w) for w in w1[1:]),
+            "data_parallel_equal": all(torch.equal(p[0], q) for p in same for q in p[1:])}
+
+
+def check_errors(_counts):
+    """What a user is told: the numbers that do not divide, the bank that cannot be sharded."""
+    world = dist.get_world_size()
+    messages = {}
+    for name, make in {
+        "indivisible": lambda: MoE(D, 2 * world + 1, k=2, hidden=HIDDEN,
+                                   process_group=dist.group.WORLD),
+        "shard": lambda: P.expert_parallel(MoE(D, world, k=1, experts=[
+            nn.Linear(D, D) for _ in range(world)])),
+        "experts_count": lambda: MoE(D, 2 * world, k=1, process_group=dist.group.WORLD,
+                                     experts=[nn.Linear(D, D) for _ in range(2 * world)]),
+        "no_moe": lambda: P.expert_parallel(nn.Linear(D, D)),
+        "group": lambda: P.GradientSync(P.expert_parallel(MoE(D, world, k=1, hidden=4)),
+                                        group=dist.new_group(list(range(world)))),
+        "checkpoint": lambda: P.load_full_state_dict(
+            P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
+            MoE(D, world, k=1, hidden=4).state_dict()),
+    }.items():
+        try:
+            make()
+            messages[name] = None
+        except (TypeError, ValueError) as e:
+            messages[name] = f"{type(e).__name__}: {e}"
+    return {"messages": messages, "world": world}
+
+
+CHECKS = {
+    "constructed": check_constructed, "errors": check_errors,
+    "top_k": check_top_k, "top_k_eval": check_top_k_eval,
+    "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
+    "hierarchical": check_hierarchical, "autocast": check_autocast,
+    "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
+    "training": check_training, "reshard": check_reshard,
+}
+
+
+def worker(rank: int, world: int, init_method: str, out_dir: str, plan: list) -> None:
+    """Run ``plan`` (``[(result name, check name, per-rank token counts)]``) on this rank;
+    write ``rank{rank}.json``. After a failure the ranks may disagree on the next collective,
+    so the remaining checks are skipped (the others then time out and say so)."""
+    torch.set_num_threads(1)
+    os.environ["SPARSEMOE_TEST_DIR"] = out_dir
+    dist.init_process_group("gloo", init_method=init_method, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=30))
+    results = {}
+    for name, check, counts in plan:
+        start = time.perf_counter()
+        try:
+            results[name] = {"ok": True, **CHECKS[check](counts)}
+            results[name]["seconds"] = time.perf_counter() - start
+        except Exception:
+            results[name] = {"ok": False, "error": traceback.format_exc()}
+            break
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()

@@ -1,0 +1,192 @@
+"""Expert parallelism (sparsemoe.parallel) on 2 and 4 gloo ranks against the single-process
+layer, plus the errors a user meets without a process group.
+
+The ranks are spawned once per world size and run every check of ``parallel_checks.py``
+(module-scoped fixtures); each test then asserts on one check's numbers. A run that does not
+finish within its time limit fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from parallel_checks import worker
+
+from sparsemoe import MoE, parallel
+from sparsemoe.experts import FeedForwardExperts
+
+TOL = 1e-5
+
+LAYER_CHECKS = ("top_k", "top_k_eval", "switch_capacity", "expert_choice", "hierarchical")
+
+
+def plan(world: int) -> list[tuple[str, str, list[int]]]:
+    """``(result name, check, tokens per rank)``; uneven counts throughout."""
+    counts = {2: [13, 9], 4: [13, 9, 4, 11]}[world]
+    uneven = {2: [21, 0], 4: [5, 0, 17, 3]}[world]
+    steps = [(name, name, counts) for name in LAYER_CHECKS]
+    steps += [("switch_capacity_uneven", "switch_capacity", uneven),
+              ("rank_sends_nothing", "top_k", uneven),
+              ("no_tokens_anywhere", "top_k", [0] * world),
+              ("one_rank_receives", "one_rank_receives", counts),
+              ("autocast", "autocast", counts),
+              ("bytes", "bytes", counts),
+              ("training", "training", counts),
+              ("constructed", "constructed", counts),
+              ("errors", "errors", counts)]
+    if world == 4:
+        steps.append(("reshard", "reshard", counts))
+    return steps
+
+
+def spawn(world: int, tmp_path, timeout: float = 60.0) -> dict:
+    """Run the plan on ``world`` ranks; ``{result name: [per-rank result]}``."""
+    init = tmp_path / "init"
+    ctx = mp.start_processes(worker, args=(world, f"file://{init}", str(tmp_path), plan(world)),
+                             nprocs=world, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {world}-rank run did not finish within {timeout:.0f} s")
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [r.get(name, {"ok": False, "error": "not run"}) for r in per_rank]
+            for name, _, _ in plan(world)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    # Ranks are forked from a fresh server process that imports torch and sparsemoe once
+    # (seconds each on a small machine), not from pytest's process, which may hold threads.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    return {w: spawn(w, tmp_path_factory.mktemp(f"world{w}")) for w in (2, 4)}
+
+
+def results(runs, world, name):
+    out = runs[world][name]
+    failed = [f"rank {r}:\n{res['error']}" for r, res in enumerate(out) if not res["ok"]]
+    assert not failed, "\n".join(failed)
+    return out
+
+
+def assert_errors(per_rank, tol=TOL):
+    worst = {}
+    for res in per_rank:
+        for key, value in res["errors"].items():
+            worst[key] = max(worst.get(key, 0.0), value)
+    bad = {k: v for k, v in worst.items() if not v <= tol}
+    assert not bad, f"errors above {tol}: {bad}"
+    return worst
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("name", LAYER_CHECKS)
+def test_layer_equals_single_process(runs, world, name):
+    """Output, auxiliary loss, input gradient, router gradients (this rank's tokens) and
+    expert gradients (every rank's tokens) equal the single-process layer."""
+    per_rank = results(runs, world, name)
+    worst = assert_errors(per_rank)
+    assert any(k.startswith("grad router") for k in worst) and "grad experts.w1" in worst
+    assert sum(sum(r["rows_received"]) for r in per_rank) > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_capacity_drops_pairs_like_one_process(runs, world):
+    for name in ("switch_capacity", "switch_capacity_uneven"):
+        per_rank = results(runs, world, name)
+        assert_errors(per_rank)
+        assert sum(r["dropped"] for r in per_rank) > 0  # the capacity was binding
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_rank_without_tokens_and_no_tokens_at_all(runs, world):
+    idle = results(runs, world, "rank_sends_nothing")
+    assert_errors(idle)
+    assert idle[1]["tokens"] == 0 and sum(idle[1]["rows_sent"]) == 0
+    assert sum(idle[1]["rows_received"]) > 0  # its experts still serve the other ranks
+    empty = results(runs, world, "no_tokens_anywhere")
+    assert_errors(empty)
+    assert all(sum(r["rows_received"]) == 0 for r in empty)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_that_receive_nothing(runs, world):
+    per_rank = results(runs, world, "one_rank_receives")
+    assert_errors(per_rank)
+    assert sum(per_rank[0]["rows_received"]) > 0
+    assert all(sum(r["rows_received"]) == 0 for r in per_rank[1:])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bfloat16_autocast_matches_one_process(runs, world):
+    """Relative errors: the expert gradients sum every rank's rows in one bfloat16 product
+    here and one product per rank there."""
+    assert_errors(results(runs, world, "autocast"), tol=1e-2)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_exchange_bytes_are_what_travelled(runs, world):
+    """ExchangeStats against the bytes counted inside all_to_all_single (own rank excluded),
+    forward and backward; the compute-to-I/O ratio is the expert hidden width."""
+    for res in results(runs, world, "bytes"):
+        assert res["reported"] == res["counted"] > 0
+        assert res["forward_reported"] == res["forward_counted"]
+        assert res["compute_to_io"] == 12  # HIDDEN of parallel_checks
+        assert res["expert_multiply_adds"] == res["rows_computed"] * 2 * 8 * 12
+        assert res["step_expert_multiply_adds"] == 3 * res["expert_multiply_adds"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_training_steps_equal_one_process(runs, world):
+    """Adam steps with clipping: losses, gradient norms and every parameter."""
+    per_rank = results(runs, world, "training")
+    assert_errors(per_rank)
+    res = per_rank[0]
+    assert res["num_expert_params"] == 2 and res["num_dp_params"] > 2
+    assert max(res["norms"]) > res["clip"]  # clipping was active
+    assert res["experts_moved"] > 1e-3
+
+
+def test_checkpoints_reshard_4_2_1_and_back(runs):
+    worst = assert_errors(results(runs, 4, "reshard"))
+    assert "step on W (back)" in worst and worst["W keys == single keys"] == 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_built_with_a_process_group(runs, world):
+    for res in results(runs, world, "constructed"):
+        assert res["local_experts"] == 8 // world and res["global_experts"] == 8
+        assert res["distinct_experts"] and res["data_parallel_equal"]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_errors_name_what_is_wrong(runs, world):
+    m = results(runs, world, "errors")[0]["messages"]
+    n = 2 * world + 1
+    assert m["indivisible"] == (f"ValueError: num_experts ({n}) must be divisible by the "
+                                f"process group's size ({world}): every rank holds "
+                                f"num_experts / size experts")
+    assert "must be a FeedForwardExperts bank" in m["shard"] and "ModuleListExperts" in m["shard"]
+    assert f"= {2 * world} / {world} = 2 modules, got {2 * world}" in m["experts_count"]
+    assert m["no_moe"].startswith("ValueError: model (Linear) contains no sparsemoe MoE layer")
+    assert "group must be the process group of the expert-parallel layers" in m["group"]
+    assert f"has {2 * world} experts along the first dimension" in m["checkpoint"]
+
+
+def test_errors_without_a_process_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        parallel.ExpertParallel(FeedForwardExperts(2, 8, 8))
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        parallel.expert_parallel(MoE(8, 4, k=2, hidden=8))
+    with pytest.raises(TypeError, match="local must be an expert bank .* got Linear"):
+        parallel.ExpertParallel(torch.nn.Linear(2, 2))
