@@ -26,6 +26,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
+    p.add_argument("--optimizer", choices=lm.OPTIMIZERS, default=d.optimizer,
+                   help="'factored-adam': Appendix D's Adam (β1 = 0, factored second moment)")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {d.steps}, or until --time-budget)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
@@ -48,7 +50,8 @@ def _train_config(args: argparse.Namespace, **extra) -> lm.TrainConfig:
     return lm.TrainConfig(
         corpus=tuple(args.corpus), vocab_size=args.vocab_size or None,
         batch_size=args.batch_size, bptt=args.bptt, lr=args.lr, warmup=args.warmup,
-        clip=args.clip, steps=steps, time_budget=args.time_budget, eval_every=args.eval_every,
+        clip=args.clip, optimizer=args.optimizer, steps=steps, time_budget=args.time_budget,
+        eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, **extra,
     )
 

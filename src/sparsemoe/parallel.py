@@ -460,6 +460,12 @@ def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
             value = entry[name]
             if isinstance(value, Tensor) and value.shape == p.shape:
                 entry[name] = _gather_experts(value, group, root)
+            elif isinstance(value, Tensor) and value.dim() > 0:
+                raise ValueError(
+                    f"optimizer state {name!r} of expert parameter {index} has shape "
+                    f"{tuple(value.shape)}, not the parameter's {tuple(p.shape)}; only state "
+                    f"shaped like its parameter (Adam's moments, SGD's momentum) can be "
+                    f"gathered across ranks, got {type(optimizer).__name__}")
         state["state"][index] = entry
     return state if root else None
 

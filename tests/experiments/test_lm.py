@@ -70,12 +70,18 @@ def test_perplexity_equals_hand_computation():
     assert uniform["perplexity"] == pytest.approx(v, rel=1e-6)
 
 
-def test_resume_is_exact(corpus_file, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adam", "factored-adam"])
+def test_resume_is_exact(corpus_file, tmp_path, optimizer):
     """N steps in one run equal N/2 steps, a checkpoint, and N/2 more: loss for loss."""
-    whole = Trainer(tiny_config(corpus_file, tmp_path / "a"), progress=False)
+    whole = Trainer(tiny_config(corpus_file, tmp_path / "a", optimizer=optimizer),
+                    progress=False)
     whole.run()
-    Trainer(replace(tiny_config(corpus_file, tmp_path / "b"), steps=3), progress=False).run()
-    resumed = Trainer(tiny_config(corpus_file, tmp_path / "b"), progress=False)
+    Trainer(replace(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), steps=3),
+            progress=False).run()
+    resumed = Trainer(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer),
+                      progress=False)
+    assert type(resumed.opt).__name__ == ("FactoredAdam" if optimizer == "factored-adam"
+                                          else "Adam")
     assert resumed.step == 3
     resumed.run()
     assert resumed.history["train_loss"] == whole.history["train_loss"]
@@ -84,7 +90,8 @@ def test_resume_is_exact(corpus_file, tmp_path):
                             strict=True):
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="written by a different configuration"):
-        Trainer(replace(tiny_config(corpus_file, tmp_path / "b"), lr=1.0), progress=False)
+        Trainer(replace(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), lr=1.0),
+                progress=False)
 
 
 def test_cli_train_eval_compare_end_to_end(corpus_file, tmp_path, capsys):
@@ -121,6 +128,9 @@ def test_train_needs_a_model(corpus_file, tmp_path):
         main(["lm", "train", "--corpus", corpus_file, "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="give steps or time_budget"):
         TrainConfig(steps=None)
+    with pytest.raises(ValueError, match=r"optimizer must be one of \('adam', "
+                                         r"'factored-adam'\), got 'sgd'"):
+        TrainConfig(optimizer="sgd")
 
 
 def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpus_file,
