@@ -24,6 +24,7 @@ from torch import nn
 
 from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
 from sparsemoe import parallel as P
+from sparsemoe.optim import FactoredAdam
 
 D, HIDDEN, EXPERTS = 8, 12, 8
 
@@ -386,6 +387,17 @@ def check_constructed(_counts):
             "data_parallel_equal": all(torch.equal(p[0], q) for p in same for q in p[1:])}
 
 
+def factored_optimizer_state():
+    """FactoredAdam's per-expert factors are not shaped like the parameters: gathering them
+    must fail on every rank alike, not keep rank 0's."""
+    ep = P.expert_parallel(MoE(D, 2 * dist.get_world_size(), k=1, hidden=4))
+    opt = FactoredAdam(ep.parameters())
+    for p in ep.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    P.full_optimizer_state_dict(ep, opt)
+
+
 def check_errors(_counts):
     """What a user is told: the numbers that do not divide, the bank that cannot be sharded."""
     world = dist.get_world_size()
@@ -403,6 +415,7 @@ def check_errors(_counts):
         "checkpoint": lambda: P.load_full_state_dict(
             P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
             MoE(D, world, k=1, hidden=4).state_dict()),
+        "factored_state": factored_optimizer_state,
     }.items():
         try:
             make()

@@ -180,6 +180,8 @@ def test_errors_name_what_is_wrong(runs, world):
     assert m["no_moe"].startswith("ValueError: model (Linear) contains no sparsemoe MoE layer")
     assert "group must be the process group of the expert-parallel layers" in m["group"]
     assert f"has {2 * world} experts along the first dimension" in m["checkpoint"]
+    assert m["factored_state"].startswith("ValueError: optimizer state 'col' of expert "
+                                          "parameter") and "FactoredAdam" in m["factored_state"]
 
 
 def test_errors_without_a_process_group():
