@@ -16,8 +16,11 @@ Design (why it is fast and memory-flat):
 - all experts run in one grouped matrix multiply over those blocks
   (``torch.nn.functional.grouped_mm``), so an expert with no tokens costs nothing and nothing of
   size ``[T, n]`` or ``[T, n, capacity]`` is ever built;
-- outputs are put back in ``[T, k]`` order by a permutation (a gather, deterministic, no atomic
-  adds) and mixed by a batched ``[1, k] @ [k, d]`` product per token;
+- outputs are read back through the inverse permutation and mixed by the gates in one fused
+  gather-and-weighted-sum (``F.embedding_bag``), never building a ``[T, k, d]`` copy;
+- both row movements differentiate to gathers (:func:`gather_tokens`, :func:`combine`), not to
+  ``index_select``'s scattering ``index_add`` backward: deterministic, no atomic adds, and on a
+  CPU several times faster (the scatter cost more than the expert matmuls it fed);
 - masked pairs are sorted behind every valid pair and cut off before the expert bank runs, so
   they cost nothing; the un-permute reads a zero row for them.
 """
@@ -169,6 +172,65 @@ def grouped_matmul(
     raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
 
 
+def _inverse_permutation(routes: Routes, num_pairs: int) -> Tensor:
+    """``[num_pairs]`` the sorted position of each grid pair; ``N`` (one past the last computed
+    pair) for a masked pair."""
+    n = routes.order.numel()
+    inverse = routes.order.new_full((num_pairs,), n)
+    inverse[routes.order] = torch.arange(n, device=inverse.device)
+    return inverse
+
+
+def _pair_rows(index: Tensor, rows: int) -> tuple[Tensor, Tensor | None]:
+    """``index`` with masked entries (equal to ``rows``) clamped in range, and the 0/1 weights
+    that cancel them (None when nothing is masked)."""
+    if rows >= index.numel():  # every pair of the grid was computed: no entry equals rows
+        return index, None
+    return index.clamp(max=max(rows - 1, 0)), index != rows
+
+
+def _bag_sum(src: Tensor, index: Tensor, weights: Tensor | None) -> Tensor:
+    """``out[t] = Σ_j weights[t, j] · src[index[t, j]]`` for ``index [T, k]``: one fused gather
+    and weighted sum (``F.embedding_bag``), without building the ``[T, k, d]`` intermediate."""
+    if src.shape[0] == 0:
+        return src.new_zeros(index.shape[0], src.shape[1])
+    if weights is not None:
+        weights = weights.to(src.dtype)
+    return F.embedding_bag(index, src, mode="sum", per_sample_weights=weights)
+
+
+class _GatherTokens(torch.autograd.Function):
+    """``x[token_index]`` whose gradient is a gather through the inverse permutation and a sum
+    over each token's ``k`` pairs, not ``index_select``'s scattering ``index_add``."""
+
+    @staticmethod
+    def forward(ctx, x, token_index, inverse):  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        index, keep = _pair_rows(inverse, grad.shape[0])
+        return _bag_sum(grad, index, keep), None, None
+
+
+def gather_tokens(x: Tensor, routes: Routes, k: int) -> Tensor:
+    """The input row of every computed pair, in :class:`Routes` order: ``x[routes.token_index]``.
+
+    Args:
+        x: ``[T, d]`` tokens.
+        routes: from :func:`sort_by_expert` over a ``[T, k]`` routing grid.
+        k: choices per token.
+
+    Returns:
+        ``[N, d]``; its gradient flows back through the inverse permutation (a gather that sums
+        each token's ``k`` pairs).
+    """
+    inverse = _inverse_permutation(routes, x.shape[0] * k).view(-1, k)
+    return _GatherTokens.apply(x, routes.token_index, inverse)
+
+
 def unsort(values: Tensor, routes: Routes, num_pairs: int | None = None) -> Tensor:
     """Put per-pair values from :class:`Routes` order back into flattened ``[T·k]`` grid order.
 
@@ -185,18 +247,49 @@ def unsort(values: Tensor, routes: Routes, num_pairs: int | None = None) -> Tens
     """
     n = routes.order.numel()
     num_pairs = n if num_pairs is None else num_pairs
-    inverse = routes.order.new_full((num_pairs,), n)
-    inverse[routes.order] = torch.arange(n, device=inverse.device)
+    inverse = _inverse_permutation(routes, num_pairs)
     if n < num_pairs:
         values = torch.cat([values, values.new_zeros(1, *values.shape[1:])])
     return values.index_select(0, inverse)
+
+
+class _Combine(torch.autograd.Function):
+    """``y[t] = Σ_j w[t, j] · y_sorted[inverse[t, j]]`` with hand-written gradients.
+
+    Forward: one ``embedding_bag`` (gather and weighted sum fused). Backward: the output
+    gradient is gathered once per pair (``g[token_index]``); that one ``[N, d]`` buffer gives
+    the gate gradients (a row-wise dot with ``y_sorted``) and then, scaled in place by the
+    pair's gate, the experts' output gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, y_sorted, weights, token_index, order, inverse):  # type: ignore[override]
+        index, keep = _pair_rows(inverse, y_sorted.shape[0])
+        w = weights.to(y_sorted.dtype)
+        ctx.save_for_backward(y_sorted, w, token_index, order)
+        ctx.weights_dtype = weights.dtype
+        return _bag_sum(y_sorted, index, w if keep is None else w * keep)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        y_sorted, w, token_index, order = ctx.saved_tensors
+        g_rows = _bag_sum(grad, token_index[:, None], None)  # [N, d]: each pair's token gradient
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = w.new_zeros(w.numel())
+            grad_w[order] = torch.linalg.vecdot(g_rows, y_sorted)
+            grad_w = grad_w.view(w.shape).to(ctx.weights_dtype)
+        w_sorted = w.reshape(-1).index_select(0, order)[:, None]
+        # In place unless a double backward is recording this graph (vecdot has saved g_rows).
+        grad_y = g_rows * w_sorted if torch.is_grad_enabled() else g_rows.mul_(w_sorted)
+        return grad_y, grad_w, None, None, None
 
 
 def combine(y_sorted: Tensor, combine_weights: Tensor, routes: Routes) -> Tensor:
     """Mix the expert outputs of each token: ``y[t] = Σ_j combine_weights[t, j] · y_pair(t, j)``.
 
     This is eq. 1 of Shazeer et al. (2017), ``y = Σ_i G(x)_i E_i(x)``, over the ``k`` non-zero
-    gates of each token.
+    gates of each token; a masked (not computed) pair contributes nothing.
 
     Args:
         y_sorted: ``[N, d]`` expert outputs in :class:`Routes` order.
@@ -207,8 +300,8 @@ def combine(y_sorted: Tensor, combine_weights: Tensor, routes: Routes) -> Tensor
         ``[T, d]`` in the dtype of ``y_sorted``.
     """
     t, k = combine_weights.shape
-    y_grid = unsort(y_sorted, routes, t * k).view(t, k, y_sorted.shape[1])
-    return torch.bmm(combine_weights.to(y_grid.dtype).unsqueeze(1), y_grid).squeeze(1)
+    inverse = _inverse_permutation(routes, t * k).view(t, k)
+    return _Combine.apply(y_sorted, combine_weights, routes.token_index, routes.order, inverse)
 
 
 def dispatch_combine(
@@ -232,7 +325,7 @@ def dispatch_combine(
         ``([T, d_out] outputs, Routes)``; ``Routes.tokens_per_expert`` is the true load.
     """
     routes = sort_by_expert(expert_indices, experts.num_experts, valid)
-    y_sorted = experts(x.index_select(0, routes.token_index), routes)
+    y_sorted = experts(gather_tokens(x, routes, expert_indices.shape[1]), routes)
     return combine(y_sorted, combine_weights, routes), routes
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import check_float_tensor, check_like, check_shape, check_top_k
-from .dispatch import grouped_matmul, sort_by_expert, unsort
+from .dispatch import gather_tokens, grouped_matmul, sort_by_expert, unsort
 
 CV_EPSILON = 1e-10
 """The reference code's epsilon in :func:`cv_squared` and in the hierarchical load (eq. 14)."""
@@ -343,7 +343,7 @@ def hierarchical_noisy_top_k_gating(
 
     # One secondary row per (token, chosen group), rows grouped by group.
     rows = sort_by_expert(primary.top_k_indices, a)
-    x_rows = x.index_select(0, rows.token_index)
+    x_rows = gather_tokens(x, rows, k_primary)
     clean = grouped_matmul(x_rows, w_gate_secondary, rows.tokens_per_expert)
     raw = grouped_matmul(x_rows, w_noise_secondary, rows.tokens_per_expert) if noisy else None
     noise_rows = None

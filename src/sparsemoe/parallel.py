@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._checks import autocast_dtype
-from .dispatch import Routes, sort_by_expert, unsort
+from .dispatch import Routes, gather_tokens, sort_by_expert, unsort
 from .experts import FeedForwardExperts
 
 ProcessGroup = dist.ProcessGroup
@@ -253,7 +253,7 @@ class ExpertParallel(nn.Module):
         expert = torch.arange(n_local, device=x.device).repeat(w)
         expert = expert.repeat_interleave(recv.reshape(-1), output_size=m)  # [M] local expert
         local_routes = sort_by_expert(expert[:, None], n_local)
-        y_local = self.local(x_recv.index_select(0, local_routes.token_index), local_routes)
+        y_local = self.local(gather_tokens(x_recv, local_routes, 1), local_routes)
         y = all_to_all(unsort(y_local, local_routes), send_rows, recv_rows, self.group)
         self.last_exchange = ExchangeStats(
             rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
