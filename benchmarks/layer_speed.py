@@ -11,7 +11,7 @@ has hidden width k·h, i.e. the multiply-adds per token of the MoE's experts (ga
 Activation memory is the bytes autograd saves for the backward pass
 (:func:`sparsemoe.memory.saved_tensor_bytes`, parameters and input excluded).
 
-Issue #5 grows this into the full suite (peers, roofline, memory).
+The full grid with the peers, the roofline and peak memory is ``benchmarks/suite.py``.
 """
 
 from __future__ import annotations
