@@ -325,8 +325,11 @@ def dispatch_combine(
         ``([T, d_out] outputs, Routes)``; ``Routes.tokens_per_expert`` is the true load.
     """
     routes = sort_by_expert(expert_indices, experts.num_experts, valid)
-    y_sorted = experts(gather_tokens(x, routes, expert_indices.shape[1]), routes)
-    return combine(y_sorted, combine_weights, routes), routes
+    # gather_tokens and combine, sharing one inverse permutation.
+    inverse = _inverse_permutation(routes, expert_indices.numel()).view(expert_indices.shape)
+    y_sorted = experts(_GatherTokens.apply(x, routes.token_index, inverse), routes)
+    y = _Combine.apply(y_sorted, combine_weights, routes.token_index, routes.order, inverse)
+    return y, routes
 
 
 DROP_POLICIES = ("position", "priority")
