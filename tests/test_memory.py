@@ -1,10 +1,13 @@
-"""Appendix D's recomputation of the expert hidden activations, and the saved-tensor count
-that measures it."""
+"""Appendix D's recomputation of the expert hidden activations, the saved-tensor count that
+measures it, and the expert banks' reused gradient memory."""
+
+import copy
 
 import pytest
 import torch
 
 import sparsemoe
+from sparsemoe.dispatch import sort_by_expert
 from sparsemoe.memory import saved_tensor_bytes
 
 
@@ -59,3 +62,106 @@ def test_recompute_is_off_in_evaluation_and_named_in_errors():
         sparsemoe.FeedForwardExperts(4, 16, 32, recompute="yes")
     with pytest.raises(ValueError, match="recompute=True applies to the feed-forward experts"):
         sparsemoe.MoE(16, 2, 1, experts=[torch.nn.Linear(16, 16)] * 2, recompute=True)
+
+
+# GradientBuffers: the expert banks' weight gradients written into reused memory.
+
+def _bank_pair(dtype, impl, bias=True):
+    """Two banks with the same weights: one reusing gradient memory, one on torch's autograd."""
+    torch.manual_seed(0)
+    kwargs = dict(activation="swiglu", bias=bias, impl=impl)
+    pooled = sparsemoe.FeedForwardExperts(6, 8, 12, **kwargs).to(dtype)
+    plain = sparsemoe.FeedForwardExperts(6, 8, 12, reuse_grad_memory=False, **kwargs).to(dtype)
+    plain.load_state_dict(pooled.state_dict())
+    x = torch.randn(10, 8, dtype=dtype)
+    return pooled, plain, _routes(0), x
+
+
+def _routes(shift):
+    """Experts 0, 2, 5 (shifted by ``shift``) get rows; the other three are idle."""
+    idx = torch.tensor([[0], [0], [2], [5], [2], [0], [5], [5], [5], [2]])
+    return sort_by_expert((idx + shift) % 6, 6)
+
+
+def _backward(bank, routes, x, target):
+    xs = x.clone().requires_grad_()
+    (bank(xs, routes) * target).sum().backward()
+    return xs.grad
+
+
+@pytest.mark.parametrize("dtype,impl,tol", [(torch.float64, "loop", 1e-13),
+                                            (torch.float32, "grouped_mm", 1e-6)])
+def test_reused_gradient_memory_gives_torch_gradients(dtype, impl, tol):
+    pooled, plain, _, x = _bank_pair(dtype, impl)
+    pointers = []
+    for step in range(3):
+        routes = _routes(step)
+        target = torch.randn(10, 8, dtype=dtype)
+        for bank in (pooled, plain):
+            bank.zero_grad(set_to_none=True)
+        gx = _backward(pooled, routes, x, target)
+        gx_ref = _backward(plain, routes, x, target)
+        torch.testing.assert_close(gx, gx_ref, rtol=tol, atol=tol)
+        for (name, p), q in zip(pooled.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=tol, atol=tol, msg=name)
+        idle = [(e + step) % 6 for e in (1, 3, 4)]  # busy in the step before
+        assert pooled.w1.grad[idle].abs().max() == 0 and pooled.w2.grad[idle].abs().max() == 0
+        pointers.append((pooled.w1.grad.data_ptr(), pooled.w2.grad.data_ptr()))
+    assert pointers[0] == pointers[1] == pointers[2]  # the same memory every step
+    assert {k: len(v._buffers) for k, v in pooled.grad_buffers.items()} == {"w1": 1, "w2": 1}
+
+
+def test_gradients_in_use_are_never_overwritten():
+    pooled, plain, routes, x = _bank_pair(torch.float64, "loop", bias=False)
+    t1, t2, t3 = (torch.randn(10, 8, dtype=torch.float64) for _ in range(3))
+    # accumulation over micro-batches: .grad holds the first buffer, the second takes the next
+    for bank in (pooled, plain):
+        _backward(bank, routes, x, t1)
+        _backward(bank, routes, x, t2)
+    torch.testing.assert_close(pooled.w1.grad, plain.w1.grad, rtol=1e-13, atol=1e-13)
+    # a gradient the caller kept after zero_grad keeps its values
+    kept = pooled.w1.grad
+    kept_values = kept.clone()
+    for bank in (pooled, plain):
+        bank.zero_grad(set_to_none=True)
+        _backward(bank, routes, x, t3)
+    assert torch.equal(kept, kept_values)
+    assert kept.data_ptr() != pooled.w1.grad.data_ptr()
+    torch.testing.assert_close(pooled.w1.grad, plain.w1.grad, rtol=1e-13, atol=1e-13)
+    # torch.autograd.grad results the caller holds are not reused either
+    pooled.zero_grad(set_to_none=True)
+    del kept
+    g1 = torch.autograd.grad((pooled(x, routes) * t1).sum(), pooled.w1)[0]
+    g1_values = g1.clone()
+    g2 = torch.autograd.grad((pooled(x, routes) * t2).sum(), pooled.w1)[0]
+    assert torch.equal(g1, g1_values) and g1.data_ptr() != g2.data_ptr()
+    assert len(pooled.grad_buffers["w1"]._buffers) == 2  # capacity: further ones are not kept
+
+
+def test_reused_gradient_memory_supports_double_backward():
+    torch.manual_seed(0)
+    pooled = sparsemoe.FeedForwardExperts(3, 4, 3, activation="swiglu", impl="loop").double()
+    routes = sort_by_expert(torch.tensor([[2], [0], [2], [2], [0]]), 3)
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def f(x, w1, w2):
+        return torch.func.functional_call(pooled, {"w1": w1, "w2": w2}, (x, routes))
+
+    xs = x.clone().requires_grad_()
+    ws = [p.detach().clone().requires_grad_() for p in (pooled.w1, pooled.w2)]
+    assert torch.autograd.gradcheck(f, (xs, *ws))
+    assert torch.autograd.gradgradcheck(f, (xs, *ws))
+
+
+def test_gradient_buffers_follow_dtype_and_are_not_copied():
+    pooled, _, routes, x = _bank_pair(torch.float32, "auto")
+    _backward(pooled, routes, x, torch.ones(10, 8))
+    assert pooled.grad_buffers["w1"].nbytes == 6 * 8 * 24 * 4
+    assert copy.deepcopy(pooled).grad_buffers["w1"].nbytes == 0
+    pooled.double().zero_grad(set_to_none=True)
+    _backward(pooled, routes, x.double(), torch.ones(10, 8, dtype=torch.float64))
+    assert pooled.grad_buffers["w1"].nbytes == 6 * 8 * 24 * 8  # the float32 buffer was dropped
+    pooled.grad_buffers["w1"].clear()
+    assert pooled.grad_buffers["w1"].nbytes == 0
+    with pytest.raises(TypeError, match="reuse_grad_memory must be a bool, got int 1"):
+        sparsemoe.FeedForwardExperts(2, 4, 4, reuse_grad_memory=1)

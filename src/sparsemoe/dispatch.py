@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import autocast_dtype, check_int, check_number
+from .memory import GradientBuffers
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
 """Implementations of :func:`grouped_matmul`: ``"grouped_mm"`` is torch's grouped GEMM,
@@ -134,28 +135,7 @@ def _eager_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     return F.grouped_mm(x, w, offs=offs)
 
 
-def grouped_matmul(
-    x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str = "auto"
-) -> Tensor:
-    """Row block ``e`` of ``x`` times ``w[e]``, for every expert ``e`` at once.
-
-    ``out[r] = x[r] @ w[e(r)]`` where ``e(r)`` is the block row ``r`` falls in. Autocast-aware:
-    under ``torch.autocast`` both operands are cast to the autocast dtype, as ``F.linear`` does.
-
-    Args:
-        x: ``[N, p]`` rows sorted by expert.
-        w: ``[n, p, q]`` one matrix per expert.
-        tokens_per_expert: ``[n]`` integer block sizes summing to ``N``.
-        impl: one of :data:`GROUPED_MM_IMPLS`.
-
-    Returns:
-        ``[N, q]``.
-    """
-    dt = autocast_dtype(x.device.type)
-    if dt is not None:
-        x, w = x.to(dt), w.to(dt)
-    if impl == "auto":
-        impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
+def _grouped_matmul(x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str) -> Tensor:
     if impl == "grouped_mm":
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         # torch.compile traces grouped_mm only for bfloat16 (its meta kernel rejects float32,
@@ -170,6 +150,81 @@ def grouped_matmul(
         # No rows at all: an empty product that still belongs to the autograd graph.
         return torch.cat(blocks) if blocks else x @ w[0]
     raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+
+
+class _GroupedMatmulReusingGrad(torch.autograd.Function):
+    """:func:`grouped_matmul` whose weight gradient is written into memory of a
+    :class:`~sparsemoe.memory.GradientBuffers` (the derivative is torch's: ``dx = dy·wᵀ``
+    blockwise, ``dw[e] = x_eᵀ·dy_e``, zero for an expert without rows)."""
+
+    @staticmethod
+    def forward(ctx, x, w, tokens_per_expert, impl, buffers):
+        ctx.save_for_backward(x, w, tokens_per_expert)
+        ctx.impl, ctx.buffers = impl, buffers
+        return _grouped_matmul(x, w, tokens_per_expert, impl)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, tokens_per_expert = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():  # create_graph: differentiate torch's own forward again
+            inputs = [t for t, need in ((x, need_x), (w, need_w)) if need]
+            with torch.enable_grad():
+                y = _grouped_matmul(x, w, tokens_per_expert, ctx.impl)
+            grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
+            dx = grads.pop(0) if need_x else None
+            return dx, grads.pop(0) if need_w else None, None, None, None
+        dx = _grouped_matmul(dy, w.transpose(1, 2), tokens_per_expert, ctx.impl) if need_x else None
+        dw = None
+        if need_w:
+            dw = ctx.buffers.take(w)
+            sizes = tokens_per_expert.tolist()
+            blocks = zip(x.split(sizes), dy.split(sizes), sizes, strict=True)
+            for e, (xe, ge, s) in enumerate(blocks):
+                if s:
+                    torch.mm(xe.t(), ge, out=dw[e])
+                else:
+                    dw[e].zero_()
+        return dx, dw, None, None, None
+
+
+def grouped_matmul(
+    x: Tensor,
+    w: Tensor,
+    tokens_per_expert: Tensor,
+    impl: str = "auto",
+    grad_buffers: GradientBuffers | None = None,
+) -> Tensor:
+    """Row block ``e`` of ``x`` times ``w[e]``, for every expert ``e`` at once.
+
+    ``out[r] = x[r] @ w[e(r)]`` where ``e(r)`` is the block row ``r`` falls in. Autocast-aware:
+    under ``torch.autocast`` both operands are cast to the autocast dtype, as ``F.linear`` does.
+
+    Args:
+        x: ``[N, p]`` rows sorted by expert.
+        w: ``[n, p, q]`` one matrix per expert.
+        tokens_per_expert: ``[n]`` integer block sizes summing to ``N``.
+        impl: one of :data:`GROUPED_MM_IMPLS`.
+        grad_buffers: on a CPU, write ``w``'s gradient into memory this pool keeps across
+            backward passes instead of a fresh allocation (see
+            :class:`~sparsemoe.memory.GradientBuffers`; the gradient's value is the same).
+            Not used under autocast, ``torch.compile`` or on other devices, whose allocators
+            keep freed memory.
+
+    Returns:
+        ``[N, q]``.
+    """
+    dt = autocast_dtype(x.device.type)
+    if dt is not None:
+        x, w = x.to(dt), w.to(dt)
+    if impl == "auto":
+        impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
+    if impl not in GROUPED_MM_IMPLS:
+        raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+    if (grad_buffers is not None and dt is None and w.requires_grad and torch.is_grad_enabled()
+            and w.device.type == "cpu" and not torch.compiler.is_compiling()):
+        return _GroupedMatmulReusingGrad.apply(x, w, tokens_per_expert, impl, grad_buffers)
+    return _grouped_matmul(x, w, tokens_per_expert, impl)
 
 
 def _inverse_permutation(routes: Routes, num_pairs: int) -> Tensor:

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_int
 from .dispatch import GROUPED_MM_IMPLS, Routes, grouped_matmul
+from .memory import GradientBuffers
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -51,14 +52,28 @@ def _init_like_linear(w: Tensor, b: Tensor | None) -> None:
         nn.init.uniform_(b, -bound, bound)
 
 
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _grad_buffers(reuse_grad_memory: bool, *names: str) -> dict[str, GradientBuffers]:
+    """One gradient pool per stacked weight, or none when ``reuse_grad_memory`` is False."""
+    if _check_bool("reuse_grad_memory", reuse_grad_memory):
+        return {name: GradientBuffers() for name in names}
+    return {}
+
+
 def _stacked_affine(
-    x: Tensor, w: Tensor, b: Tensor | None, routes: Routes, impl: str
+    x: Tensor, w: Tensor, b: Tensor | None, routes: Routes, impl: str,
+    grad_buffers: GradientBuffers | None,
 ) -> Tensor:
     """``x[r]·w[e(r)] + b[e(r)]`` for rows sorted by expert: one grouped matmul.
 
     Shape: ``x [N, p]``, ``w [n, p, q]``, ``b [n, q]`` or None -> ``[N, q]``.
     """
-    y = grouped_matmul(x, w, routes.tokens_per_expert, impl)
+    y = grouped_matmul(x, w, routes.tokens_per_expert, impl, grad_buffers)
     if b is not None:
         y = y + b.index_select(0, routes.expert_index).to(y.dtype)
     return y
@@ -82,6 +97,9 @@ class FeedForwardExperts(nn.Module):
         recompute: keep only the input rows for the backward pass and recompute the hidden
             activations there (Shazeer et al. 2017, Appendix D): saves the ``[N, h]``
             activations of every row for one more forward of the first matrix multiply.
+        reuse_grad_memory: on a CPU, keep the memory of ``w1``'s and ``w2``'s gradients from
+            one backward pass to the next (:class:`~sparsemoe.memory.GradientBuffers`: same
+            values, no page faults; ``grad_buffers[name].clear()`` returns the memory).
 
     Shape:
         Parameters: ``w1 [n, d, h]`` (``[n, d, 2h]`` when gated), ``b1 [n, h]`` (``[n, 2h]``),
@@ -98,15 +116,14 @@ class FeedForwardExperts(nn.Module):
         bias: bool = False,
         impl: str = "auto",
         recompute: bool = False,
+        reuse_grad_memory: bool = True,
     ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts)
         self.d_model = check_int("d_model", d_model)
         self.hidden = check_int("hidden", hidden)
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute must be a bool, got {type(recompute).__name__} "
-                            f"{recompute!r}")
-        self.recompute = recompute
+        self.recompute = _check_bool("recompute", recompute)
+        self.grad_buffers = _grad_buffers(reuse_grad_memory, "w1", "w2")
         if activation not in EXPERT_ACTIVATIONS:
             raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
         if impl not in GROUPED_MM_IMPLS:
@@ -138,18 +155,18 @@ class FeedForwardExperts(nn.Module):
         return self._forward(x, routes)
 
     def _forward(self, x: Tensor, routes: Routes) -> Tensor:
-        h = _stacked_affine(x, self.w1, self.b1, routes, self.impl)
+        h = _stacked_affine(x, self.w1, self.b1, routes, self.impl, self.grad_buffers.get("w1"))
         if self.activation in _GATED_ACTIVATIONS:
             gate, up = h.chunk(2, dim=-1)
             h = _GATED_ACTIVATIONS[self.activation](gate) * up
         else:
             h = _ACTIVATIONS[self.activation](h)
-        return _stacked_affine(h, self.w2, self.b2, routes, self.impl)
+        return _stacked_affine(h, self.w2, self.b2, routes, self.impl, self.grad_buffers.get("w2"))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_model={self.d_model}, hidden={self.hidden}, "
                 f"activation={self.activation!r}, bias={self.b1 is not None}, impl={self.impl!r}, "
-                f"recompute={self.recompute}")
+                f"recompute={self.recompute}, reuse_grad_memory={bool(self.grad_buffers)}")
 
 
 class LinearExperts(nn.Module):
@@ -168,6 +185,8 @@ class LinearExperts(nn.Module):
         activation: one of ``relu gelu silu tanh sigmoid``, or None for linear experts.
         bias: learn ``b``.
         impl: grouped-matmul implementation, one of :data:`sparsemoe.dispatch.GROUPED_MM_IMPLS`.
+        reuse_grad_memory: on a CPU, keep the memory of ``w``'s gradient from one backward pass
+            to the next (see :class:`FeedForwardExperts`).
 
     Shape:
         Parameters: ``w [n, d_in, d_out]``, ``b [n, d_out]``. Forward: ``[N, d_in]`` rows sorted
@@ -183,11 +202,13 @@ class LinearExperts(nn.Module):
         activation: str | None = "relu",
         bias: bool = True,
         impl: str = "auto",
+        reuse_grad_memory: bool = True,
     ) -> None:
         super().__init__()
         self.num_experts = check_int("num_experts", num_experts)
         self.d_in = check_int("d_in", d_in)
         self.d_out = check_int("d_out", d_out)
+        self.grad_buffers = _grad_buffers(reuse_grad_memory, "w")
         if activation is not None and activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)} or None, "
                              f"got {activation!r}")
@@ -204,12 +225,13 @@ class LinearExperts(nn.Module):
         _init_like_linear(self.w, self.b)
 
     def forward(self, x: Tensor, routes: Routes) -> Tensor:
-        y = _stacked_affine(x, self.w, self.b, routes, self.impl)
+        y = _stacked_affine(x, self.w, self.b, routes, self.impl, self.grad_buffers.get("w"))
         return y if self.activation is None else _ACTIVATIONS[self.activation](y)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, d_in={self.d_in}, d_out={self.d_out}, "
-                f"activation={self.activation!r}, bias={self.b is not None}, impl={self.impl!r}")
+                f"activation={self.activation!r}, bias={self.b is not None}, impl={self.impl!r}, "
+                f"reuse_grad_memory={bool(self.grad_buffers)}")
 
 
 class ModuleListExperts(nn.Module):

@@ -299,7 +299,8 @@ def shard_experts(bank: FeedForwardExperts, group: ProcessGroup | None = None) -
     with torch.device("meta"):  # no initialisation work, no draw from the random stream
         local = FeedForwardExperts(n_local, bank.d_model, bank.hidden,
                                    activation=bank.activation, bias=bank.b1 is not None,
-                                   impl=bank.impl, recompute=bank.recompute)
+                                   impl=bank.impl, recompute=bank.recompute,
+                                   reuse_grad_memory=bool(bank.grad_buffers))
     for name, p in bank.named_parameters(recurse=False):
         share = p.detach()[first : first + n_local].clone()
         setattr(local, name, nn.Parameter(share, requires_grad=p.requires_grad))
