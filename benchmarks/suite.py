@@ -27,8 +27,10 @@ For every (experts n, k) of the grid (d_model 512, expert hidden 1024, 8192 toke
   k = 4: 25 GiB, 18 s a step on 2 cores); it runs while that stays under ``--eager-max-gb``.
 - **memory** — peak resident memory of one forward+backward, each contender in a fresh process
   (``VmHWM`` after resetting it through ``/proc/self/clear_refs``), minus the resident memory
-  before the step (parameters and input). Reported with the parameter-gradient bytes the step
-  also allocates, so that the activations and temporaries can be read off.
+  before the step (parameters and input), plus the gradient memory the expert banks keep from
+  the warm-up step (:class:`~sparsemoe.memory.GradientBuffers`), which the dense FFN allocates
+  afresh. Reported with the parameter-gradient bytes the step also needs, so that the
+  activations and temporaries can be read off.
 
 Timings are medians of ``--repeats`` forward+backward steps after one warm-up; the contenders
 alternate, each repeat starting with the next one, so that machine noise hits all alike. The
@@ -301,7 +303,11 @@ def memory_probe(spec: dict) -> dict:
     run()
     peak = _status_kib("VmHWM")
     params = sum(p.numel() for p in model.parameters()) * F32
-    return {"peak_step_bytes": (peak - before) * 1024, "parameter_bytes": params}
+    # The expert banks keep their gradients' memory across steps (GradientBuffers): resident
+    # before this step, yet memory the step uses, as a fresh gradient is for the dense FFN.
+    kept = sum(buffers.nbytes for m in model.modules()
+               for buffers in getattr(m, "grad_buffers", {}).values())
+    return {"peak_step_bytes": (peak - before) * 1024 + kept, "parameter_bytes": params}
 
 
 def bench_memory(d, n, k, h, tokens, hier) -> dict:

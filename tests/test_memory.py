@@ -165,3 +165,11 @@ def test_gradient_buffers_follow_dtype_and_are_not_copied():
     assert pooled.grad_buffers["w1"].nbytes == 0
     with pytest.raises(TypeError, match="reuse_grad_memory must be a bool, got int 1"):
         sparsemoe.FeedForwardExperts(2, 4, 4, reuse_grad_memory=1)
+
+
+def test_reused_gradient_memory_takes_an_expanded_output_gradient():
+    pooled, plain, routes, x = _bank_pair(torch.float32, "grouped_mm")
+    pooled(x, routes).sum().backward()  # the gradient of a sum has strides (0, 0)
+    ones = torch.ones(10, 8)
+    (plain(x, routes) * ones).sum().backward()
+    torch.testing.assert_close(pooled.w1.grad, plain.w1.grad, rtol=1e-6, atol=1e-6)

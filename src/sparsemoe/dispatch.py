@@ -174,6 +174,7 @@ class _GroupedMatmulReusingGrad(torch.autograd.Function):
             grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
             dx = grads.pop(0) if need_x else None
             return dx, grads.pop(0) if need_w else None, None, None, None
+        dy = dy.contiguous()  # an expanded gradient (of a sum) has strides grouped_mm rejects
         dx = _grouped_matmul(dy, w.transpose(1, 2), tokens_per_expert, ctx.impl) if need_x else None
         dw = None
         if need_w:
