@@ -19,6 +19,13 @@ def check_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
+def check_bool(name: str, value: object) -> bool:
+    """``value`` must be a bool (not an int standing in for one)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
 def check_top_k(name: str, k: object, num_experts: int) -> int:
     """``k`` experts per token out of ``num_experts``: 1 <= k <= num_experts."""
     check_int(name, k)

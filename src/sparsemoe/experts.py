@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_int
+from ._checks import check_bool, check_int
 from .dispatch import GROUPED_MM_IMPLS, Routes, grouped_matmul
 from .memory import GradientBuffers
 
@@ -52,15 +52,9 @@ def _init_like_linear(w: Tensor, b: Tensor | None) -> None:
         nn.init.uniform_(b, -bound, bound)
 
 
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
-
-
 def _grad_buffers(reuse_grad_memory: bool, *names: str) -> dict[str, GradientBuffers]:
     """One gradient pool per stacked weight, or none when ``reuse_grad_memory`` is False."""
-    if _check_bool("reuse_grad_memory", reuse_grad_memory):
+    if check_bool("reuse_grad_memory", reuse_grad_memory):
         return {name: GradientBuffers() for name in names}
     return {}
 
@@ -122,7 +116,7 @@ class FeedForwardExperts(nn.Module):
         self.num_experts = check_int("num_experts", num_experts)
         self.d_model = check_int("d_model", d_model)
         self.hidden = check_int("hidden", hidden)
-        self.recompute = _check_bool("recompute", recompute)
+        self.recompute = check_bool("recompute", recompute)
         self.grad_buffers = _grad_buffers(reuse_grad_memory, "w1", "w2")
         if activation not in EXPERT_ACTIVATIONS:
             raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import Tensor
 
-from ._checks import check_number
+from ._checks import check_bool, check_number
 
 
 def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
@@ -75,8 +75,7 @@ class FactoredAdam(torch.optim.Optimizer):
         check_number("lr", lr, low=0)
         check_number("beta2", beta2, low=0, high=1, high_open=True)
         check_number("eps", eps, low=0)
-        if not isinstance(factored, bool):
-            raise TypeError(f"factored must be a bool, got {type(factored).__name__} {factored!r}")
+        check_bool("factored", factored)
         super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, factored=factored))
 
     @staticmethod
