@@ -332,58 +332,58 @@ def _fmt(v, spec: str) -> str:
     return "–" if v is None else format(v, spec)
 
 
+def _table(title: str, columns: list[str], cells: list[list]) -> list[str]:
+    """A Markdown section: ``### title``, a table of ``cells`` under ``columns``, a blank line."""
+    return [f"### {title}", "", "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+            *("| " + " | ".join(str(c) for c in row) + " |" for row in cells), ""]
+
+
 def tables(rows: list[dict], limits: dict, header: str) -> str:
     out = [header, "",
            f"Measured limits: matmul {limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
            f"{limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write).", ""]
     paper = [r for r in rows if r["section"] == "paper"]
     if paper:
-        out += ["### The paper's layer vs the compute-matched dense FFN and the roofline", "",
-                "| n | k | h | tokens/expert | dense ms | sparsemoe ms | roofline ms | "
-                "sparsemoe/dense | sparsemoe/roofline | dense/roofline | max/mean load |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in paper:
-            n = f"{r['experts']} ({r['hierarchical']})" if r["hierarchical"] else r["experts"]
-            out.append(f"| {n} | {r['k']} | {r['hidden']} | {r['tokens_per_expert']:.0f} | "
-                       f"{r['dense_ms']:.0f} | {r['sparsemoe_ms']:.0f} | {r['roofline_ms']:.0f} | "
-                       f"{r['sparsemoe_over_dense']:.2f} | {r['sparsemoe_over_roofline']:.2f} | "
-                       f"{r['dense_over_roofline']:.2f} | {r['max_over_mean_load']:.2f} |")
-        out.append("")
+        out += _table(
+            "The paper's layer vs the compute-matched dense FFN and the roofline",
+            ["n", "k", "h", "tokens/expert", "dense ms", "sparsemoe ms", "roofline ms",
+             "sparsemoe/dense", "sparsemoe/roofline", "dense/roofline", "max/mean load"],
+            [[f"{r['experts']} ({r['hierarchical']})" if r["hierarchical"] else r["experts"],
+              r["k"], r["hidden"], f"{r['tokens_per_expert']:.0f}", f"{r['dense_ms']:.0f}",
+              f"{r['sparsemoe_ms']:.0f}", f"{r['roofline_ms']:.0f}",
+              f"{r['sparsemoe_over_dense']:.2f}", f"{r['sparsemoe_over_roofline']:.2f}",
+              f"{r['dense_over_roofline']:.2f}", f"{r['max_over_mean_load']:.2f}"]
+             for r in paper])
     peers = [r for r in rows if r["section"] == "peers"]
     if peers:
-        out += ["### Same weights: sparsemoe vs transformers' Mixtral experts", "",
-                "| n | k | h | sparsemoe ms | eager ms | grouped_mm ms | batched_mm ms | "
-                "sparsemoe/eager | sparsemoe/grouped_mm | sparsemoe/batched_mm | max abs err |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in peers:
-            out.append(
-                f"| {r['experts']} | {r['k']} | {r['hidden']} | {r['sparsemoe_ms']:.0f} | "
-                f"{_fmt(r['hf_eager_ms'], '.0f')} | {_fmt(r['hf_grouped_mm_ms'], '.0f')} | "
-                f"{_fmt(r['hf_batched_mm_ms'], '.0f')} | "
-                f"{_fmt(r.get('sparsemoe_over_hf_eager'), '.2f')} | "
-                f"{_fmt(r.get('sparsemoe_over_hf_grouped_mm'), '.2f')} | "
-                f"{_fmt(r.get('sparsemoe_over_hf_batched_mm'), '.2f')} | "
-                f"{r['max_abs_output_error']:.1e} |")
+        out += _table(
+            "Same weights: sparsemoe vs transformers' Mixtral experts",
+            ["n", "k", "h", "sparsemoe ms", "eager ms", "grouped_mm ms", "batched_mm ms",
+             "sparsemoe/eager", "sparsemoe/grouped_mm", "sparsemoe/batched_mm", "max abs err"],
+            [[r["experts"], r["k"], r["hidden"], f"{r['sparsemoe_ms']:.0f}",
+              _fmt(r["hf_eager_ms"], ".0f"), _fmt(r["hf_grouped_mm_ms"], ".0f"),
+              _fmt(r["hf_batched_mm_ms"], ".0f"), _fmt(r.get("sparsemoe_over_hf_eager"), ".2f"),
+              _fmt(r.get("sparsemoe_over_hf_grouped_mm"), ".2f"),
+              _fmt(r.get("sparsemoe_over_hf_batched_mm"), ".2f"),
+              f"{r['max_abs_output_error']:.1e}"]
+             for r in peers])
         for impl in ("eager", "batched_mm"):
             skipped = [r[f"hf_{impl}_skipped"] for r in peers if f"hf_{impl}_skipped" in r]
             if skipped:
-                out += ["", f"{impl} not run: " + "; ".join(dict.fromkeys(skipped)) + "."]
-        out.append("")
+                out[-1:] = ["", f"{impl} not run: " + "; ".join(dict.fromkeys(skipped)) + ".", ""]
     memory = [r for r in rows if r["section"] == "memory"]
     if memory:
-        out += ["### Peak memory of one forward+backward (MB above parameters and input)", "",
-                "| n | k | h | dense | sparsemoe | recompute | sparsemoe params | "
-                "activations sparsemoe/dense | recompute/dense |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in memory:
-            out.append(
-                f"| {r['experts']} | {r['k']} | {r['hidden']} | {r['dense_peak_step_mb']:.0f} | "
-                f"{r['sparsemoe_peak_step_mb']:.0f} | "
-                f"{r['sparsemoe-recompute_peak_step_mb']:.0f} | "
-                f"{r['sparsemoe_parameter_mb']:.0f} | "
-                f"{r['sparsemoe_activations_over_dense']:.2f} | "
-                f"{r['sparsemoe-recompute_activations_over_dense']:.2f} |")
-        out.append("")
+        out += _table(
+            "Peak memory of one forward+backward (MB above parameters and input)",
+            ["n", "k", "h", "dense", "sparsemoe", "recompute", "sparsemoe params",
+             "activations sparsemoe/dense", "recompute/dense"],
+            [[r["experts"], r["k"], r["hidden"], f"{r['dense_peak_step_mb']:.0f}",
+              f"{r['sparsemoe_peak_step_mb']:.0f}", f"{r['sparsemoe-recompute_peak_step_mb']:.0f}",
+              f"{r['sparsemoe_parameter_mb']:.0f}",
+              f"{r['sparsemoe_activations_over_dense']:.2f}",
+              f"{r['sparsemoe-recompute_activations_over_dense']:.2f}"]
+             for r in memory])
     return "\n".join(out)
 
 

@@ -136,20 +136,17 @@ def _eager_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 
 def _grouped_matmul(x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str) -> Tensor:
+    """:func:`grouped_matmul` for a resolved ``impl`` (``"grouped_mm"`` or ``"loop"``)."""
     if impl == "grouped_mm":
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         # torch.compile traces grouped_mm only for bfloat16 (its meta kernel rejects float32,
         # which the eager CPU kernel runs); other dtypes run it eagerly inside a compiled graph.
         mm = F.grouped_mm if x.dtype == torch.bfloat16 else _eager_grouped_mm
         return mm(x, w, offs=offsets)
-    if impl == "loop":
-        sizes = tokens_per_expert.tolist()
-        blocks = [
-            xe @ we for xe, we, s in zip(x.split(sizes), w.unbind(0), sizes, strict=True) if s
-        ]
-        # No rows at all: an empty product that still belongs to the autograd graph.
-        return torch.cat(blocks) if blocks else x @ w[0]
-    raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+    sizes = tokens_per_expert.tolist()
+    blocks = [xe @ we for xe, we, s in zip(x.split(sizes), w.unbind(0), sizes, strict=True) if s]
+    # No rows at all: an empty product that still belongs to the autograd graph.
+    return torch.cat(blocks) if blocks else x @ w[0]
 
 
 class _GroupedMatmulReusingGrad(torch.autograd.Function):
