@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from sparsemoe import FeedForwardExperts
+from sparsemoe import FeedForwardExperts, LinearExperts, MoE
 from sparsemoe.dispatch import sort_by_expert
-from sparsemoe.optim import FactoredAdam, factored_second_moment, state_bytes
+from sparsemoe.optim import FactoredAdam, factored_second_moment, param_groups, state_bytes
 
 
 def reference_updates(p0, grads, lr, beta2, eps):
@@ -109,6 +109,74 @@ def test_state_is_r_plus_c_per_matrix_and_trains():
     assert state_bytes(adam) == 4 * 2 * 2 * 8 * 16 * 32  # Adam: two full moments of each
 
 
+def test_stacked_biases_are_vectors_and_weights_matrices_per_expert():
+    """With param_groups a bank's biases [n, h] keep Adam's full second moment (n vectors)
+    and its weights [n, d, h] one pair of factors per expert, each equal to its reference."""
+    gen = torch.Generator().manual_seed(4)
+    bank = FeedForwardExperts(3, 4, 5, bias=True).double()
+    w1, b1 = bank.w1.detach().clone(), bank.b1.detach().clone()
+    grads = {name: [torch.randn(p.shape, generator=gen, dtype=torch.float64) * (1 + i)
+                    for i in range(5)] for name, p in bank.named_parameters()}
+    opt = FactoredAdam(param_groups(bank), lr=0.05, beta2=0.9, eps=1e-6)
+    twin = nn.Parameter(b1.clone())
+    adam = torch.optim.Adam([twin], lr=0.05, betas=(0.0, 0.9), eps=1e-6, foreach=False)
+    for i in range(5):
+        for name, p in bank.named_parameters():
+            p.grad = grads[name][i].clone()
+        twin.grad = grads["b1"][i].clone()
+        opt.step()
+        adam.step()
+    assert set(opt.state[bank.b1]) == set(opt.state[bank.b2]) == {"step", "v"}
+    assert opt.state[bank.w1]["row"].shape == (3, 4) and opt.state[bank.w1]["col"].shape == (3, 5)
+    torch.testing.assert_close(bank.b1, twin, rtol=0, atol=1e-6)
+    expected = reference_updates(w1.numpy(), [g.numpy() for g in grads["w1"]], 0.05, 0.9, 1e-6)
+    np.testing.assert_allclose(bank.w1.detach().numpy(), expected, rtol=0, atol=1e-6)
+    # without the groups the stacked bias is factored as one [n, h] matrix: a different update
+    flat = FactoredAdam(FeedForwardExperts(3, 4, 5, bias=True).parameters())
+    flat.param_groups[0]["params"][2].grad = torch.ones(3, 5)
+    flat.step()
+    assert set(flat.state[flat.param_groups[0]["params"][2]]) == {"step", "row", "col"}
+
+
+def test_param_groups_split_the_banks_from_everything_else():
+    torch.manual_seed(0)
+    shared = LinearExperts(4, 6, 3)
+    model = nn.ModuleDict(dict(moe=MoE(6, 4, k=2, hidden=8, bias=True), head=nn.Linear(6, 2),
+                               a=shared, b=shared))
+    stacked, others = param_groups(model)
+    bank = model["moe"].experts
+    assert stacked["expert_dims"] == 1 and "expert_dims" not in others
+    assert {id(p) for p in stacked["params"]} == {
+        id(p) for p in (bank.w1, bank.w2, bank.b1, bank.b2, shared.w, shared.b)}
+    assert len(stacked["params"]) == 6
+    assert {id(p) for p in others["params"]} == {
+        id(p) for p in (*model["moe"].router.parameters(), *model["head"].parameters())}
+    (plain,) = param_groups(nn.Linear(2, 3))  # no bank: one group, no empty one
+    assert len(plain["params"]) == 2 and "expert_dims" not in plain
+    torch.optim.Adam(param_groups(model))  # any optimiser takes the groups
+
+
+def test_expert_dims_beyond_a_parameters_dimensions_is_named():
+    opt = FactoredAdam([nn.Parameter(torch.zeros(3))], expert_dims=2)
+    opt.param_groups[0]["params"][0].grad = torch.ones(3)
+    with pytest.raises(ValueError, match=r"shape \(3,\) has fewer than expert_dims=2"):
+        opt.step()
+
+
+def test_state_dict_saved_before_expert_dims_loads_as_zero():
+    p = nn.Parameter(torch.ones(2, 3))
+    opt = FactoredAdam([p])
+    p.grad = torch.ones(2, 3)
+    opt.step()
+    saved = opt.state_dict()
+    del saved["param_groups"][0]["expert_dims"]
+    resumed = FactoredAdam([p], expert_dims=1)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["expert_dims"] == 0
+    resumed.step()
+    assert set(resumed.state[p]) == {"step", "row", "col"}
+
+
 def test_state_dict_resumes_exactly():
     torch.manual_seed(1)
     w = torch.randn(4, 3, 5)
@@ -143,6 +211,8 @@ def test_bfloat16_parameters_keep_float32_moments():
     (dict(beta2=1.0), r"beta2 must be a number in \[0, 1\), got 1.0"),
     (dict(eps=-1e-8), r"eps must be a number >= 0"),
     (dict(factored="yes"), r"factored must be a bool, got str 'yes'"),
+    (dict(expert_dims=-1), r"expert_dims must be >= 0, got -1"),
+    (dict(expert_dims=1.0), r"expert_dims must be an int, got float 1.0"),
 ])
 def test_bad_arguments_are_named(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

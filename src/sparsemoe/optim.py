@@ -5,6 +5,10 @@ of parameters costs twice the parameters' memory again. Appendix D ("Reducing th
 the optimizer") removes both: the first moment is dropped (β1 = 0) and, for each parameter
 matrix, the second moment is stored as a running average of its row means and one of its
 column means; the full estimate is their outer product divided by their mean.
+
+An expert bank stacks its experts' matrices into one ``[n, d, h]`` parameter and their biases
+into one ``[n, h]``: the first is ``n`` matrices, the second ``n`` vectors, not a matrix.
+:func:`param_groups` tells the optimiser so (``expert_dims=1`` for the banks' parameters).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ._checks import check_bool, check_number
+from ._checks import check_bool, check_int, check_number
+from .experts import FeedForwardExperts, LinearExperts
 
 
 def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
@@ -38,14 +43,18 @@ def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
 class FactoredAdam(torch.optim.Optimizer):
     """Adam with β1 = 0 and a factored second moment (Shazeer et al. 2017, Appendix D).
 
-    For a parameter ``p`` with gradient ``g`` at step ``t``:
+    For a parameter ``p`` with gradient ``g`` at step ``t``, whose first ``expert_dims``
+    dimensions index experts (a parameter group option; :func:`param_groups` sets it to 1 for
+    stacked expert banks) and whose remaining dimensions are one expert's parameter:
 
-    - matrices (``p.dim() >= 2`` and ``factored``): the last two dimensions are the matrix and
-      any leading dimensions index independent matrices, so a stacked expert bank
-      ``[n, d, h]`` gets one pair of factors per expert;
+    - matrices (``factored`` and ``p.dim() - expert_dims >= 2``): the last two dimensions are
+      the matrix and any leading dimensions index independent matrices, so a stacked expert
+      bank ``[n, d, h]`` gets one pair of factors per expert;
       ``R ← β2·R + (1−β2)·mean_j g²``, ``C ← β2·C + (1−β2)·mean_i g²`` and
       ``v = R Cᵀ / mean(R)`` (:func:`factored_second_moment`);
-    - everything else: the full ``v ← β2·v + (1−β2)·g²`` of Adam;
+    - everything else, vectors and scalars, including a bank's stacked biases ``[n, h]``
+      (``n`` vectors; with ``expert_dims=0`` they would be factored as one matrix): the full
+      ``v ← β2·v + (1−β2)·g²`` of Adam;
     - then ``p ← p − lr · g / (sqrt(v / (1 − β2^t)) + eps)``, Adam's update with its bias
       correction and no first moment (β1 = 0 makes the first moment the gradient itself).
 
@@ -59,9 +68,13 @@ class FactoredAdam(torch.optim.Optimizer):
         beta2: decay of the second-moment running averages, in ``[0, 1)``.
         eps: added to the denominator.
         factored: factor the second moment of matrices (False: keep it full, as Adam).
+        expert_dims: how many leading dimensions of a parameter index experts (0: none).
+
+    Raises:
+        ValueError: at the first step, a parameter with fewer than ``expert_dims`` dimensions.
 
     Example:
-        >>> opt = FactoredAdam(model.parameters(), lr=1e-3)
+        >>> opt = FactoredAdam(param_groups(model), lr=1e-3)
     """
 
     def __init__(
@@ -71,17 +84,30 @@ class FactoredAdam(torch.optim.Optimizer):
         beta2: float = 0.999,
         eps: float = 1e-8,
         factored: bool = True,
+        expert_dims: int = 0,
     ) -> None:
         check_number("lr", lr, low=0)
         check_number("beta2", beta2, low=0, high=1, high_open=True)
         check_number("eps", eps, low=0)
         check_bool("factored", factored)
-        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, factored=factored))
+        check_int("expert_dims", expert_dims, minimum=0)
+        super().__init__(params, dict(lr=lr, beta2=beta2, eps=eps, factored=factored,
+                                      expert_dims=expert_dims))
+
+    def __setstate__(self, state: dict) -> None:
+        """Also loads state dicts saved before ``expert_dims`` existed (as ``expert_dims=0``)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("expert_dims", 0)
 
     @staticmethod
     def is_factored(p: Tensor, group: dict) -> bool:
         """Whether ``p``'s second moment is stored as row and column factors."""
-        return group["factored"] and p.dim() >= 2
+        expert_dims = check_int("expert_dims", group["expert_dims"], minimum=0)
+        if p.dim() < expert_dims:
+            raise ValueError(f"a parameter of shape {tuple(p.shape)} has fewer than "
+                             f"expert_dims={expert_dims} dimensions")
+        return group["factored"] and p.dim() - expert_dims >= 2
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
         state = self.state[p]
@@ -124,6 +150,26 @@ class FactoredAdam(torch.optim.Optimizer):
                 denom = (v / correction).sqrt_().add_(eps)
                 p.add_((g / denom).to(p.dtype), alpha=-lr)
         return loss
+
+
+def param_groups(module: nn.Module) -> list[dict]:
+    """``module``'s parameters as optimiser groups: the stacked expert banks'
+    (:class:`~sparsemoe.experts.FeedForwardExperts`, :class:`~sparsemoe.experts.LinearExperts`,
+    one slice per expert along dimension 0) with ``expert_dims=1``, then all others.
+
+    Any ``torch.optim`` optimiser accepts the groups (it keeps the extra key);
+    :class:`FactoredAdam` reads it to keep a bank's biases ``[n, h]`` as ``n`` vectors with
+    full second moments instead of factoring them as one matrix. Empty groups are left out;
+    a parameter shared by several modules appears once.
+
+    Returns:
+        ``[{"params": [...], "expert_dims": 1}, {"params": [...]}]``.
+    """
+    banks = [m for m in module.modules() if isinstance(m, (FeedForwardExperts, LinearExperts))]
+    stacked = {id(p): p for m in banks for p in m.parameters(recurse=False)}
+    others = [p for p in module.parameters() if id(p) not in stacked]
+    groups = [{"params": list(stacked.values()), "expert_dims": 1}, {"params": others}]
+    return [g for g in groups if g["params"]]
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

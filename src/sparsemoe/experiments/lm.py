@@ -39,7 +39,7 @@ from ..models.lstm_lm import (
     multiply_adds_per_token,
     parameter_counts,
 )
-from ..optim import FactoredAdam
+from ..optim import FactoredAdam, param_groups
 from ..parallel import (
     exchange_stats,
     full_optimizer_state_dict,
@@ -211,7 +211,7 @@ class Trainer:
                 raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that "
                                  "expert-parallel checkpoints cannot reshard yet; use "
                                  f"optimizer 'adam' with {processes.world_size} ranks")
-            self.opt = FactoredAdam(self.model.parameters(), lr=cfg.lr)
+            self.opt = FactoredAdam(param_groups(self.model), lr=cfg.lr)
         else:
             # fused: one pass per parameter; on 2 CPU cores 76 ms instead of 430 ms per step
             # for the 17M expert parameters of MoE-256 (foreach implementation)
