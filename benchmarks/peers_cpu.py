@@ -45,9 +45,13 @@ Peer settings (all dropless, deterministic):
 
 The 3-D peers see ``x`` as ``[T / L, L, d]`` with ``L = --seq-len``; only st-moe-pytorch and
 mixture-of-experts depend on ``L`` (their capacity is per sequence). A contender is skipped for
-a configuration when its predicted memory exceeds ``--max-gib`` (formulas from each library's
-code, see ``predicted_bytes``) or when a step takes (or is predicted to take) over
-``--limit-s`` seconds; the reason is printed and put in the table.
+a configuration when the memory already in use (the process's resident set: the shared weights
+and every contender built so far) plus its predicted memory (its parameters, their gradients
+and its activations, formulas from each library's code, see ``predicted_bytes``) exceeds
+``--max-gib``, or when a step takes (or is predicted to take) over ``--limit-s`` seconds; the
+reason is printed and put in the table. Gradients are freed after every step, outside the
+timed region, so that only one contender's gradients exist at a time. With ``--json`` the
+results so far are written after every configuration.
 
 Install the peers into a separate virtual environment (they pin other torch versions; keep
 the CPU torch it was created with)::
@@ -185,11 +189,16 @@ def unsupported(peer: str, k: int) -> str:
 
 
 def predicted_bytes(peer: str, c: Config) -> int:
-    """Peak activation bytes from each library's code (float32; rough upper estimates).
+    """Bytes a contender adds: its parameters and their gradients, and its peak activations
+    from each library's code (float32; rough upper estimates).
 
     Expert rows keep input, output and their gradients (4·d) plus the hidden layer, its ReLU
     and its gradient (3·h) per row.
     """
+    return 2 * F32 * (2 * c.n * c.d * c.h + c.d * c.n) + _activation_bytes(peer, c)
+
+
+def _activation_bytes(peer: str, c: Config) -> int:
     row = F32 * (4 * c.d + 3 * c.h)
     if peer == "deepspeed":
         # [n, capacity, d] buffers with capacity = the largest load (drop_tokens=False), and
@@ -204,6 +213,15 @@ def predicted_bytes(peer: str, c: Config) -> int:
         factor = c.k + 6 if peer == "st-moe-pytorch" else 7
         return factor * dense + c.n * c.tokens * row
     return c.k * c.tokens * row  # grouped or looped dispatch: k·T rows
+
+
+def resident_bytes() -> int:
+    """This process's resident set size (Linux ``/proc/self/statm``; 0 where it is missing)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except OSError:
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
 
 
 def predicted_rows(peer: str, c: Config) -> int:
@@ -404,7 +422,9 @@ def step(contender: Contender, x: Tensor, g: Tensor) -> tuple[float, Tensor]:
     if aux is not None:
         loss = loss + aux
     loss.backward()
-    return time.perf_counter() - start, y.detach()
+    seconds = time.perf_counter() - start
+    contender.layer.zero_grad(set_to_none=True)  # untimed: one contender's gradients at a time
+    return seconds, y.detach()
 
 
 def bench(args, n: int, k: int) -> list[dict]:
@@ -448,10 +468,12 @@ def bench(args, n: int, k: int) -> list[dict]:
     for p in peers:
         row = rows[p]
         need = predicted_bytes(p, c)
+        in_use = resident_bytes()
         normalize = normalize_for(p, k)
         predicted_s = ref_s[normalize] * predicted_rows(p, c) / (k * tokens)
-        if need > limit_gib:
-            row["skipped"] = (f"predicted memory {need / 2**30:.3g} GiB > {args.max_gib:g} GiB")
+        if in_use + need > limit_gib:
+            row["skipped"] = (f"predicted memory {need / 2**30:.3g} GiB + {in_use / 2**30:.3g} "
+                              f"GiB in use > {args.max_gib:g} GiB")
         elif predicted_s > args.limit_s:
             row["skipped"] = (f"predicted step {predicted_s:.3g} s > {args.limit_s:g} s "
                               f"({predicted_rows(p, c)} expert rows)")
@@ -537,8 +559,8 @@ def main() -> None:
     p.add_argument("--peers", nargs="+", default=PEERS, choices=PEERS + OPTIONAL_PEERS)
     p.add_argument("--seq-len", type=int, default=512, help="sequence length L of the 3-D "
                    "peers' input [T/L, L, d] (the capacity of st-moe / lucidrains is per L)")
-    p.add_argument("--max-gib", type=float, default=12.0, help="skip a contender whose "
-                   "predicted memory exceeds this")
+    p.add_argument("--max-gib", type=float, default=16.0, help="skip a contender when "
+                   "the memory in use plus its predicted memory exceed this")
     p.add_argument("--limit-s", type=float, default=60.0, help="skip a contender whose step "
                    "takes (or is predicted to take) longer than this")
     p.add_argument("--json", default=None, help="also write the rows to this file, and the "
@@ -553,12 +575,10 @@ def main() -> None:
         for k in args.k:
             print(f"n={n} k={k}", flush=True)
             rows += bench(args, n, k)
-    table = markdown(rows)
-    print(table)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-        Path(args.json).with_suffix(".md").write_text(table + "\n")
+            if args.json:  # what is done survives a later configuration's failure
+                Path(args.json).write_text(json.dumps(rows, indent=2))
+                Path(args.json).with_suffix(".md").write_text(markdown(rows) + "\n")
+    print(markdown(rows))
 
 
 if __name__ == "__main__":
