@@ -279,6 +279,15 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+# glibc keeps freed memory in its heap, and after the first large free its mmap threshold grows
+# to 32 MiB, so the resident set after a warm-up step already holds that step's freed
+# activations and the next step's high-water mark counts only what goes beyond them: an
+# arbitrary undercount. A fixed threshold (which also stops it adapting) and no trim threshold
+# give every allocation of 64 KiB or more its own mapping, returned at free: the resident set
+# then follows the live tensors. (Other C libraries ignore the variables.)
+_PROBE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def memory_probe(spec: dict) -> dict:
     """Run in a fresh process: bytes of one forward+backward above the resident set before it."""
     torch.manual_seed(0)
@@ -316,7 +325,7 @@ def bench_memory(d, n, k, h, tokens, hier) -> dict:
         spec = {"d": d, "experts": n, "k": k, "hidden": h, "tokens": tokens,
                 "hierarchical": hier, "model": model}
         out = subprocess.run([sys.executable, __file__, "--probe", json.dumps(spec)],
-                             capture_output=True, text=True, check=True)
+                             capture_output=True, text=True, check=True, env=_PROBE_ENV)
         probe = json.loads(out.stdout.strip().splitlines()[-1])
         row[f"{model}_peak_step_mb"] = probe["peak_step_bytes"] / 2**20
         row[f"{model}_parameter_mb"] = probe["parameter_bytes"] / 2**20
