@@ -146,6 +146,23 @@ def test_gradcheck_gating_and_losses():
     assert torch.autograd.gradcheck(MF.cv_squared, (v,))
 
 
+def test_gating_keeps_five_token_by_expert_tensors_for_backward():
+    """What the flat gating holds between the passes, in [T, n] float tensors: the noise
+    logits (softplus), the noise, and Φ's argument, its scaled stddev and its quotient —
+    one Φ over the chosen threshold, not two selected afterwards (which kept eight)."""
+    t, n = 64, 32
+    x, wg, wn, _ = gate_inputs(t, 8, n, 0)
+    wg.requires_grad_(True)
+    wn.requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+        g = MF.noisy_top_k_gating(x, wg, wn, 2)
+    token_by_expert = {s.untyped_storage().data_ptr() for s in saved
+                       if s.shape == (t, n) and s.is_floating_point()}
+    assert len(token_by_expert) == 5
+    assert g.load.requires_grad
+
+
 def hier_inputs(t, d, a, b, seed):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=DOUBLE)  # noqa: E731
