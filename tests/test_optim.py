@@ -132,10 +132,11 @@ def test_stacked_biases_are_vectors_and_weights_matrices_per_expert():
     expected = reference_updates(w1.numpy(), [g.numpy() for g in grads["w1"]], 0.05, 0.9, 1e-6)
     np.testing.assert_allclose(bank.w1.detach().numpy(), expected, rtol=0, atol=1e-6)
     # without the groups the stacked bias is factored as one [n, h] matrix: a different update
-    flat = FactoredAdam(FeedForwardExperts(3, 4, 5, bias=True).parameters())
-    flat.param_groups[0]["params"][2].grad = torch.ones(3, 5)
+    other = FeedForwardExperts(3, 4, 5, bias=True)
+    flat = FactoredAdam(other.parameters())
+    other.b1.grad = torch.ones(3, 5)
     flat.step()
-    assert set(flat.state[flat.param_groups[0]["params"][2]]) == {"step", "row", "col"}
+    assert set(flat.state[other.b1]) == {"step", "row", "col"}
 
 
 def test_param_groups_split_the_banks_from_everything_else():
