@@ -6,16 +6,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 from .experiments import lm
 from .experiments.processes import ExpertParallelRanks, OneProcess
-from .models.lstm_lm import PRESET_SETS, PRESETS, LMConfig
+from .models.architectures import ARCHITECTURES
 
 
 def _training_args(p: argparse.ArgumentParser) -> None:
     d = lm.TrainConfig()
+    p.add_argument("--arch", choices=tuple(ARCHITECTURES), default=d.arch,
+                   help="the model family: 'lstm' (the paper's LM) or 'transformer' "
+                        "(sparsemoe.models.MoETransformer)")
     p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="SOURCE",
                    help="'shakespeare' (default, fetched on first use), '1b-word=ROOT' (the "
                         "1 Billion Word Benchmark layout) or plain-text files")
@@ -26,8 +28,12 @@ def _training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
     p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
-    p.add_argument("--optimizer", choices=lm.OPTIMIZERS, default=d.optimizer,
-                   help="'factored-adam': Appendix D's Adam (β1 = 0, factored second moment)")
+    p.add_argument("--optimizer", choices=lm.OPTIMIZERS, default=None,
+                   help="'factored-adam': Appendix D's Adam (β1 = 0, factored second moment); "
+                        "default: adam for lstm, adamw for transformer")
+    p.add_argument("--schedule", choices=lm.SCHEDULES, default=None,
+                   help="default: rsqrt for lstm, cosine for transformer")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {d.steps}, or until --time-budget)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
@@ -39,7 +45,7 @@ def _training_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_overrides(args: argparse.Namespace) -> dict:
-    names = {f.name for f in fields(LMConfig)} - {"vocab_size"}
+    names = ARCHITECTURES[args.arch].field_names() - {"vocab_size"}
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
@@ -50,7 +56,8 @@ def _train_config(args: argparse.Namespace, **extra) -> lm.TrainConfig:
     return lm.TrainConfig(
         corpus=tuple(args.corpus), vocab_size=args.vocab_size or None,
         batch_size=args.batch_size, bptt=args.bptt, lr=args.lr, warmup=args.warmup,
-        clip=args.clip, optimizer=args.optimizer, steps=steps, time_budget=args.time_budget,
+        clip=args.clip, optimizer=args.optimizer, schedule=args.schedule, autocast=args.bf16,
+        arch=args.arch, steps=steps, time_budget=args.time_budget,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, **extra,
     )
@@ -78,9 +85,11 @@ def _lm_eval(args: argparse.Namespace) -> None:
 
 
 def _lm_compare(args: argparse.Namespace) -> None:
-    names = PRESET_SETS.get(args.presets) or [p.strip() for p in args.presets.split(",")]
+    sets = ARCHITECTURES[args.arch].preset_sets
+    names = sets.get(args.presets) or [p.strip() for p in args.presets.split(",")]
     base = _train_config(args, preset=None, model=_model_overrides(args))
-    lm.compare(list(names), base, args.out, time_budget=args.time_budget)
+    lm.compare(list(names), base, args.out, time_budget=args.time_budget,
+               evaluations=args.evaluations)
 
 
 def _lm_experts(args: argparse.Namespace) -> None:
@@ -158,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm_sub = lm_parser.add_subparsers(dest="lm_command", required=True)
 
     train = lm_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
-    train.add_argument("--preset", choices=tuple(PRESETS), default=None)
+    train.add_argument("--preset", default=None,
+                       help=", ".join(f"{name}: {', '.join(a.presets)}"
+                                      for name, a in ARCHITECTURES.items()))
     train.add_argument("--middle", choices=("moe", "hmoe", "deep", "lstm"), default=None)
     train.add_argument("--experts", dest="num_experts", type=int, default=None)
     train.add_argument("--k", type=int, default=None, help="experts per token (flat MoE)")
@@ -183,7 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_parser = lm_sub.add_parser("compare", help="train several presets for the same number "
                                    "of tokens and write a Table-7-style report")
     cmp_parser.add_argument("--presets", default="quick",
-                            help=f"comma-separated preset names or a set: {tuple(PRESET_SETS)}")
+                            help="comma-separated preset names or a set: " + "; ".join(
+                                f"{name}: {', '.join(a.preset_sets)}"
+                                for name, a in ARCHITECTURES.items()))
+    cmp_parser.add_argument("--evaluations", type=int, default=6,
+                            help="validations during each run (the curves' resolution)")
     cmp_parser.add_argument("--dropout", type=float, default=None,
                             help="override every preset's dropout")
     _training_args(cmp_parser)

@@ -31,14 +31,7 @@ from tqdm.auto import tqdm
 
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..layers import MoELayer, aux_loss
-from ..models.lstm_lm import (
-    PRESET_SETS,
-    PRESETS,
-    LMConfig,
-    LSTMLanguageModel,
-    multiply_adds_per_token,
-    parameter_counts,
-)
+from ..models.architectures import architecture, build_model
 from ..optim import FactoredAdam, param_groups
 from ..parallel import (
     exchange_stats,
@@ -48,9 +41,11 @@ from ..parallel import (
     load_full_state_dict,
 )
 from .processes import ONE_PROCESS, OneProcess
+from .transformer_lm import write_dense_quality
 
 CHECKPOINT = "checkpoint.pt"
-OPTIMIZERS = ("adam", "factored-adam")
+OPTIMIZERS = ("adam", "factored-adam", "adamw")
+SCHEDULES = ("rsqrt", "cosine")
 METRICS = "metrics.json"
 
 
@@ -58,14 +53,18 @@ METRICS = "metrics.json"
 class TrainConfig:
     corpus: tuple[str, ...] = ("shakespeare",)  # "shakespeare", "1b-word=ROOT" or text files
     vocab_size: int | None = 10_000  # None: every training word
-    preset: str | None = "MoE-32"  # a PRESETS name, or None for LMConfig defaults
-    model: dict = field(default_factory=dict)  # LMConfig field overrides
+    arch: str = "lstm"  # a models.architectures.ARCHITECTURES name
+    preset: str | None = "MoE-32"  # a preset of the arch, or None for its config's defaults
+    model: dict = field(default_factory=dict)  # model config field overrides
     batch_size: int = 32  # parallel streams
     bptt: int = 35  # time steps per batch
     lr: float = 2e-3  # peak learning rate (the paper does not give one)
     warmup: int = 200  # linear warm-up steps (paper: 1000)
     clip: float = 1.0  # gradient-norm clipping
-    optimizer: str = "adam"  # or "factored-adam": Appendix D's memory-saving Adam
+    optimizer: str | None = None  # "adam", "factored-adam" (Appendix D) or "adamw"; None: the arch's
+    schedule: str | None = None  # "rsqrt" (Appendix C.1) or "cosine" (to lr/10); None: the arch's
+    weight_decay: float = 0.1  # AdamW's, on the parameters of 2 or more dimensions
+    autocast: bool = False  # bfloat16 autocast of the training forward pass
     steps: int | None = 1000  # training steps (None: until time_budget)
     time_budget: float | None = None  # seconds of training, checked after each step
     eval_every: int = 200  # steps between validations (and checkpoints)
@@ -76,22 +75,57 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps is None and self.time_budget is None:
             raise ValueError("give steps or time_budget (or both), got neither")
+        spec = architecture(self.arch)
+        self.optimizer = self.optimizer or spec.optimizer
+        self.schedule = self.schedule or spec.schedule
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)} or None, "
-                             f"got {self.preset!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.preset is not None and self.preset not in spec.presets:
+            raise ValueError(f"preset must be one of {tuple(spec.presets)} (arch "
+                             f"{self.arch!r}) or None, got {self.preset!r}")
         self.corpus = tuple(self.corpus)
 
-    def model_config(self, vocab_size: int) -> LMConfig:
-        fields = {**(PRESETS[self.preset] if self.preset else {}), **self.model}
-        return replace(LMConfig(), vocab_size=vocab_size, **fields)
+    def model_config(self, vocab_size: int) -> object:
+        return architecture(self.arch).model_config(self.preset, self.model, vocab_size,
+                                                    self.bptt)
 
 
 def lr_factor(step: int, warmup: int) -> float:
     """Linear warm-up to 1 over ``warmup`` steps, then ∝ step^-1/2 (Appendix C.1)."""
     s = step + 1
     return min(s / warmup, math.sqrt(warmup / s))
+
+
+def cosine_factor(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up to 1 over ``warmup`` steps, then a cosine decay to ``floor`` at step
+    ``total`` (nanoGPT: min_lr = lr/10): ``floor + (1 − floor)·(1 + cos(π·p))/2`` with ``p``
+    the fraction of the decay done."""
+    s = step + 1
+    if s <= warmup:
+        return s / warmup
+    p = min(1.0, (s - warmup) / max(1, total - warmup))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _lr_schedule(cfg: TrainConfig):
+    """The learning-rate factor of step ``s`` for ``cfg.schedule``."""
+    if cfg.schedule == "rsqrt":
+        return lambda s: lr_factor(s, cfg.warmup)
+    if cfg.steps is None:
+        raise ValueError("schedule 'cosine' decays over the training steps: give steps, or "
+                         "schedule 'rsqrt' with only a time budget; got steps=None")
+    return lambda s: cosine_factor(s, cfg.warmup, cfg.steps)
+
+
+def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW (β2 = 0.95) with weight decay on the matrices and expert banks (dimension ≥ 2),
+    none on norms and biases, as nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
 
 
 @torch.no_grad()
@@ -205,25 +239,26 @@ class Trainer:
             processes.root_first(lambda: load_corpus(cfg.corpus, cfg.vocab_size))
         torch.manual_seed(cfg.seed)
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
-        self.model = processes.prepare(LSTMLanguageModel(self.model_cfg))
+        self.model = processes.prepare(build_model(cfg.arch, self.model_cfg))
         if cfg.optimizer == "factored-adam":
             if processes.world_size > 1:
                 raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that "
                                  "expert-parallel checkpoints cannot reshard yet; use "
                                  f"optimizer 'adam' with {processes.world_size} ranks")
             self.opt = FactoredAdam(param_groups(self.model), lr=cfg.lr)
+        elif cfg.optimizer == "adamw":
+            self.opt = _adamw(self.model, cfg)
         else:
             # fused: one pass per parameter; on 2 CPU cores 76 ms instead of 430 ms per step
             # for the 17M expert parameters of MoE-256 (foreach implementation)
             self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, cfg.warmup))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_schedule(cfg))
         self.batcher = StreamBatcher(self.corpus.train, cfg.batch_size, cfg.bptt, cfg.seed)
         self.state = None
         self.step = 0
         self.train_seconds = 0.0
         self.history: dict[str, list] = {"step": [], "train_loss": [], "valid_step": [],
-                                         "valid_perplexity": []}
+                                         "valid_perplexity": [], "valid_seconds": []}
         # this invocation's expert-parallel exchanges (summed over steps and layers)
         self.exchange = {"steps": 0, "bytes_sent": 0, "expert_multiply_adds": 0}
         if self.ckpt is not None:
@@ -270,8 +305,9 @@ class Trainer:
         inputs, targets = map(self.processes.shard, self.batcher.next())  # this rank's streams
         if self.batcher.epoch_start:
             self.state = None
-        logits, state = self.model(inputs, self.state)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with torch.autocast(inputs.device.type, torch.bfloat16, enabled=self.cfg.autocast):
+            logits, state = self.model(inputs, self.state)
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         loss = ce + aux_loss(self.model) if self.model.moe_layers() else ce
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -334,6 +370,7 @@ class Trainer:
                 v = self.validate(c.eval_tokens)
                 self.history["valid_step"].append(self.step)
                 self.history["valid_perplexity"].append(v["perplexity"])
+                self.history["valid_seconds"].append(self.train_seconds)
                 if self.progress:
                     bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
                               f"(first {v['tokens']:,} tokens)")
@@ -348,10 +385,11 @@ class Trainer:
         valid = self.validate(None)
         test = evaluate(self.model, self.corpus.test, c.batch_size, c.bptt,
                         processes=self.processes)
+        spec = architecture(c.arch)
         with torch.device("meta"):  # the whole model's counts, however its experts are spread
-            counts = parameter_counts(LSTMLanguageModel(self.model_cfg))
+            counts = spec.parameter_counts(spec.build(self.model_cfg))
         metrics = {
-            "preset": c.preset, "corpus": self.corpus.name,
+            "preset": c.preset, "arch": c.arch, "corpus": self.corpus.name,
             "valid_perplexity": valid["perplexity"], "test_perplexity": test["perplexity"],
             "steps": self.step, "tokens_trained": self.step * c.batch_size * c.bptt,
             "train_seconds": self.train_seconds,
@@ -359,9 +397,9 @@ class Trainer:
                                                                           1e-9),
             "params_total": counts["total"], "params_body": counts["body"],
             "params_active_per_token": counts["active_per_token"],
-            "multiply_adds_per_token": multiply_adds_per_token(self.model_cfg),
-            "multiply_adds_per_token_training": multiply_adds_per_token(self.model_cfg, True),
-            "num_experts": self.model_cfg.num_experts if self.model_cfg.middle != "lstm" else 0,
+            "multiply_adds_per_token": spec.multiply_adds_per_token(self.model_cfg, False),
+            "multiply_adds_per_token_training": spec.multiply_adds_per_token(self.model_cfg, True),
+            "num_experts": spec.num_experts(self.model_cfg),
             "load": load_statistics(valid["tokens_per_expert"]),
             "valid_tokens_per_expert": valid["tokens_per_expert"],
             "exchange": self.exchange_per_step(),
@@ -373,13 +411,14 @@ class Trainer:
         return metrics
 
 
-def load_trained(checkpoint_dir: str | Path) -> tuple[LSTMLanguageModel, dict]:
+def load_trained(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     """The model saved in a run directory, and the checkpoint dictionary."""
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
     ck = torch.load(path, weights_only=False)
-    model = LSTMLanguageModel(LMConfig(**ck["model_config"]))
+    arch = ck["config"].get("arch", "lstm")
+    model = build_model(arch, architecture(arch).config(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.eval(), ck
 
@@ -449,8 +488,8 @@ def _steps_for_budget(cfgs: list[TrainConfig], corpus: Corpus, budget: float) ->
     seconds, from a short timing of each (2 warm-up + 3 timed steps, not kept)."""
     per_step, per_eval = 0.0, 0.0
     for cfg in cfgs:
-        probe = Trainer(replace(cfg, out=str(Path(cfg.out) / "_calibration")), corpus,
-                        progress=False)
+        probe = Trainer(replace(cfg, out=str(Path(cfg.out) / "_calibration"),
+                                steps=cfg.steps or 5), corpus, progress=False)
         for _ in range(2):
             probe.train_step()
         t0 = time.perf_counter()
@@ -466,18 +505,21 @@ def _steps_for_budget(cfgs: list[TrainConfig], corpus: Corpus, budget: float) ->
 
 def compare(
     presets: list[str], base: TrainConfig, out: str | Path, time_budget: float | None = None,
-    progress: bool = True,
+    progress: bool = True, evaluations: int = 6,
 ) -> list[dict]:
     """Train every preset on the same corpus for the same number of tokens, then write the
     Table-7-style comparison (``results.md``, ``results.csv``), plots and an expert report.
 
     With ``time_budget`` (seconds for everything), the common step count is chosen from a short
-    timing of each preset; otherwise ``base.steps`` is used.
+    timing of each preset; otherwise ``base.steps`` is used. Each run is validated
+    ``evaluations`` times on the way. Transformers also get the dense-quality report of
+    :func:`sparsemoe.experiments.transformer_lm.write_dense_quality`.
     """
-    unknown = [p for p in presets if p not in PRESETS]
+    spec = architecture(base.arch)
+    unknown = [p for p in presets if p not in spec.presets]
     if unknown:
-        raise ValueError(f"unknown presets {unknown}; choose from {tuple(PRESETS)} or the sets "
-                         f"{tuple(PRESET_SETS)}")
+        raise ValueError(f"unknown presets {unknown} for arch {base.arch!r}; choose from "
+                         f"{tuple(spec.presets)} or the sets {tuple(spec.preset_sets)}")
     out = Path(out)
     corpus = load_corpus(base.corpus, base.vocab_size)
     print(corpus.describe(), flush=True)
@@ -488,12 +530,14 @@ def compare(
         print(f"time budget {time_budget:.0f} s → {steps} steps "
               f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
     warmup = min(base.warmup, max(1, steps // 5))
-    every = max(1, steps // 6)
+    every = max(1, steps // evaluations)
     results = []
     for cfg in cfgs:
         cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
         results.append(Trainer(cfg, corpus, progress=progress).run())
     write_report(results, out)
+    if base.arch == "transformer":
+        write_dense_quality(results, out)
     return results
 
 
@@ -527,7 +571,7 @@ def write_report(results: list[dict], out: Path) -> None:
     (out / "results.csv").write_text("\n".join(lines) + "\n")
     print(table, flush=True)
     _plots(results, out)
-    moe = [r for r in results if r["model_config"]["middle"] == "moe" and r["num_experts"] > 1]
+    moe = [r for r in results if r["model_config"].get("middle") == "moe" and r["num_experts"] > 1]
     if moe:
         best = max(moe, key=lambda r: r["num_experts"])
         report = expert_contexts(out / best["preset"])
@@ -545,7 +589,7 @@ def _plots(results: list[dict], out: Path) -> None:
         print("matplotlib is not installed: plots skipped (pip install 'sparsemoe[plot]')")
         return
     fig, ax = plt.subplots(figsize=(6, 4))
-    flat = sorted((r for r in results if r["model_config"]["middle"] == "moe"),
+    flat = sorted((r for r in results if r["model_config"].get("middle") == "moe"),
                   key=lambda r: r["num_experts"])
     if flat:
         ax.plot([r["num_experts"] for r in flat], [r["test_perplexity"] for r in flat], "o-",
