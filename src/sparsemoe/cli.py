@@ -33,6 +33,8 @@ def _training_args(p: argparse.ArgumentParser) -> None:
                         "default: adam for lstm, adamw for transformer")
     p.add_argument("--schedule", choices=lm.SCHEDULES, default=None,
                    help="default: rsqrt for lstm, cosine for transformer")
+    p.add_argument("--decay-steps", type=int, default=None,
+                   help="steps of the cosine decay (default: --steps)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast in training")
     p.add_argument("--steps", type=int, default=None,
                    help=f"training steps (default {d.steps}, or until --time-budget)")
@@ -57,6 +59,7 @@ def _train_config(args: argparse.Namespace, **extra) -> lm.TrainConfig:
         corpus=tuple(args.corpus), vocab_size=args.vocab_size or None,
         batch_size=args.batch_size, bptt=args.bptt, lr=args.lr, warmup=args.warmup,
         clip=args.clip, optimizer=args.optimizer, schedule=args.schedule, autocast=args.bf16,
+        decay_steps=args.decay_steps,
         arch=args.arch, steps=steps, time_budget=args.time_budget,
         eval_every=args.eval_every,
         eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, **extra,

@@ -129,7 +129,7 @@ def test_train_needs_a_model(corpus_file, tmp_path):
     with pytest.raises(ValueError, match="give steps or time_budget"):
         TrainConfig(steps=None)
     with pytest.raises(ValueError, match=r"optimizer must be one of \('adam', "
-                                         r"'factored-adam'\), got 'sgd'"):
+                                         r"'factored-adam', 'adamw'\), got 'sgd'"):
         TrainConfig(optimizer="sgd")
 
 

@@ -63,6 +63,7 @@ class TrainConfig:
     clip: float = 1.0  # gradient-norm clipping
     optimizer: str | None = None  # "adam", "factored-adam" (Appendix D) or "adamw"; None: the arch's
     schedule: str | None = None  # "rsqrt" (Appendix C.1) or "cosine" (to lr/10); None: the arch's
+    decay_steps: int | None = None  # steps of the cosine decay (None: steps)
     weight_decay: float = 0.1  # AdamW's, on the parameters of 2 or more dimensions
     autocast: bool = False  # bfloat16 autocast of the training forward pass
     steps: int | None = 1000  # training steps (None: until time_budget)
@@ -113,10 +114,12 @@ def _lr_schedule(cfg: TrainConfig):
     """The learning-rate factor of step ``s`` for ``cfg.schedule``."""
     if cfg.schedule == "rsqrt":
         return lambda s: lr_factor(s, cfg.warmup)
-    if cfg.steps is None:
-        raise ValueError("schedule 'cosine' decays over the training steps: give steps, or "
-                         "schedule 'rsqrt' with only a time budget; got steps=None")
-    return lambda s: cosine_factor(s, cfg.warmup, cfg.steps)
+    total = cfg.decay_steps or cfg.steps
+    if total is None:
+        raise ValueError("schedule 'cosine' decays over the training steps: give steps or "
+                         "decay_steps, or schedule 'rsqrt' with only a time budget; got "
+                         "steps=None")
+    return lambda s: cosine_factor(s, cfg.warmup, total)
 
 
 def _adamw(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -232,6 +235,11 @@ class Trainer:
             if same != cfg:
                 raise ValueError(f"{ckpt_path} was written by a different configuration "
                                  f"({saved}); use another --out or the same settings")
+            if saved.schedule == "cosine" and saved.decay_steps is None and \
+                    saved.steps != cfg.steps:
+                raise ValueError(f"{ckpt_path} decays its learning rate over its steps "
+                                 f"({saved.steps}, cosine); resume with the same steps, or "
+                                 f"give decay_steps to both runs, got steps={cfg.steps}")
             vocab = Vocabulary(self.ckpt["vocab"])
             corpus = corpus if corpus is not None and corpus.vocab.words == vocab.words else \
                 processes.root_first(lambda: load_corpus(cfg.corpus, vocab=vocab))
