@@ -99,7 +99,7 @@ def test_lm_compare_arch_transformer_end_to_end(corpus_file, tmp_path):
     assert len(metrics["history"]["valid_seconds"]) == 3
     dense = json.loads((out / "dense" / "metrics.json").read_text())
     # compute-matched: Switch adds only its routers (d·n in each of the 4 layers)
-    assert metrics["multiply_adds_per_token"] == dense["multiply_adds_per_token"] + 4 * 128 * 8
+    assert metrics["multiply_adds_per_token"] == dense["multiply_adds_per_token"] + 4 * 64 * 8
     assert metrics["params_active_per_token"] < metrics["params_body"]
     quality = (out / "dense_quality.md").read_text()
     assert "| switch-8 | dense |" in quality and "| glam-8 | dense |" in quality

@@ -58,11 +58,11 @@ ROUTING_FIELDS = ("router", "num_experts", "k", "hidden", "moe_every", "capacity
 @dataclass(frozen=True)
 class TransformerConfig:
     vocab_size: int = 10_000
-    d_model: int = 128  # residual width
+    d_model: int = 64  # residual width
     n_layers: int = 4
     n_heads: int = 4
     context: int = 64  # longest sequence (learned positions) and the L of the compute count
-    ffn_hidden: int = 512  # dense feed-forward hidden width (4·d)
+    ffn_hidden: int = 256  # dense feed-forward hidden width (4·d)
     activation: str = "gelu"  # FFN and expert activation, one of EXPERT_ACTIVATIONS
     norm: str = "rms"  # "rms" (RMSNorm) or "layer" (LayerNorm without bias)
     positions: str = "rotary"  # "rotary" or "learned"
@@ -123,11 +123,11 @@ class TransformerConfig:
         return self.router != "none" and i % self.moe_every == self.moe_every - 1
 
 
-# At CPU scale: d = 128, 4 layers of 4 heads, FFN 4·d. Each MoE preset's experts are its dense
+# At CPU scale: d = 64, 4 layers of 4 heads, FFN 4·d. Each MoE preset's experts are its dense
 # twin's FFN split by the experts a token uses, so both cost the same multiply-adds per token.
 PRESETS: dict[str, dict] = {
     "dense": {},
-    "dense-swiglu": {"activation": "swiglu", "ffn_hidden": 384},  # 3·d, as LLaMA's 8d/3
+    "dense-swiglu": {"activation": "swiglu", "ffn_hidden": 192},  # 3·d, as LLaMA's 8d/3
     # Switch Transformer: top-1, capacity factor 1.25, α = 0.01, z-loss, float32 router
     "switch-8": {"router": "switch", "num_experts": 8, "capacity_factor": 1.25, "w_z": 1e-3},
     # GShard: top-2 with the random second expert, every other layer, group capacity 2N/(G·E)
@@ -136,10 +136,10 @@ PRESETS: dict[str, dict] = {
     "glam-8": {"router": "top-k", "num_experts": 8, "k": 2, "moe_every": 2},
     # Mixtral: top-2 of 8, renormalised, SwiGLU, every layer
     "mixtral-8": {"router": "top-k", "num_experts": 8, "k": 2, "activation": "swiglu",
-                  "ffn_hidden": 384},
+                  "ffn_hidden": 192},
     # DBRX: top-4 of 16 fine-grained experts
     "dbrx-16": {"router": "top-k", "num_experts": 16, "k": 4, "activation": "swiglu",
-                "ffn_hidden": 384},
+                "ffn_hidden": 192},
     # Expert choice: each expert takes its top c·T/n tokens, c = 2 (not causal)
     "expert-choice-8": {"router": "expert-choice", "num_experts": 8, "capacity_factor": 2.0,
                         "w_switch": 0.0},
@@ -341,7 +341,8 @@ class MoETransformer(nn.Module):
         cfg: a :class:`TransformerConfig` (or a preset: :func:`preset`).
         moe_layer: optional ``i -> module`` building layer ``i``'s MoE FFN from any sparsemoe
             router and expert bank (e.g. ``MoELayer(routers.HashRouter(...), bank)``);
-            by default the config's router (:func:`moe_feed_forward`).
+            by default the config's router (:func:`moe_feed_forward`). Their expert banks
+            are initialised with the rest of the model (:func:`init_weights`).
 
     ``forward(tokens [B, L], state=None) -> (logits [B, L, V], ())``: ``L ≤ context`` with
     learned positions. Each call is its own context; ``state`` is accepted and an empty state
