@@ -163,6 +163,35 @@ def _dmoe_parsers(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_dmoe_report)
 
 
+def _vmoe_run(args: argparse.Namespace) -> None:
+    from .experiments import vmoe
+
+    cfg = vmoe.VMoEConfig(epochs=args.epochs, num_experts=args.experts, k=args.k,
+                          capacity_factor=args.capacity_factor)
+    vmoe.run(args.out, tuple(d.strip() for d in args.data.split(",")), args.seeds, cfg)
+    print(f"\nwrote {Path(args.out) / 'vmoe_capacity.png'}")
+
+
+def _vmoe_parsers(sub: argparse._SubParsersAction) -> None:
+    from .experiments.vmoe import VMoEConfig
+
+    d = VMoEConfig()
+    parser = sub.add_parser("vmoe", help="the Vision MoE's accuracy against the inference "
+                            "capacity ratio, with and without Batch Prioritized Routing")
+    vmoe_sub = parser.add_subparsers(dest="vmoe_command", required=True)
+    run = vmoe_sub.add_parser("run", help="train on digits and evaluate the capacity curve")
+    run.add_argument("--data", default="mnist5k,digits8",
+                     help="comma-separated: mnist5k (fetched on first use), digits8")
+    run.add_argument("--seeds", type=int, default=3)
+    run.add_argument("--epochs", type=int, default=d.epochs)
+    run.add_argument("--experts", type=int, default=d.num_experts)
+    run.add_argument("--k", type=int, default=d.k)
+    run.add_argument("--capacity-factor", type=float, default=d.capacity_factor,
+                     help="the capacity ratio in training")
+    run.add_argument("--out", default="runs/vmoe")
+    run.set_defaults(func=_vmoe_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(func=_classic_report)
     _dmoe_parsers(sub)
+    _vmoe_parsers(sub)
     return parser
 
 

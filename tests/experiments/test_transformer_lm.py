@@ -37,7 +37,8 @@ def tiny_config(corpus_file, out, preset="gshard-8", **kw):
 
 def test_cosine_schedule_by_hand():
     assert [cosine_factor(s, 2, 10) for s in range(2)] == [0.5, 1.0]
-    assert cosine_factor(5, 2, 10) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
+    assert cosine_factor(5, 2, 10) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 4 / 8)))
     assert cosine_factor(9, 2, 10) == pytest.approx(0.1)
     assert cosine_factor(50, 2, 10) == pytest.approx(0.1)
 

@@ -8,9 +8,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-import sparsemoe  # noqa: E402
-from sparsemoe.interop import from_mixtral, to_mixtral  # noqa: E402
-from sparsemoe.models.transformer import MoETransformer, preset  # noqa: E402
+import sparsemoe
+from sparsemoe.interop import from_mixtral, to_mixtral
+from sparsemoe.models.transformer import MoETransformer, preset
 
 
 def trained(**overrides) -> MoETransformer:

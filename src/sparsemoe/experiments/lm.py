@@ -61,7 +61,7 @@ class TrainConfig:
     lr: float = 2e-3  # peak learning rate (the paper does not give one)
     warmup: int = 200  # linear warm-up steps (paper: 1000)
     clip: float = 1.0  # gradient-norm clipping
-    optimizer: str | None = None  # "adam", "factored-adam" (Appendix D) or "adamw"; None: the arch's
+    optimizer: str | None = None  # "adam", "factored-adam" (Appendix D), "adamw"; None: arch's
     schedule: str | None = None  # "rsqrt" (Appendix C.1) or "cosine" (to lr/10); None: the arch's
     decay_steps: int | None = None  # steps of the cosine decay (None: steps)
     weight_decay: float = 0.1  # AdamW's, on the parameters of 2 or more dimensions

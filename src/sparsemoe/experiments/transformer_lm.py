@@ -33,8 +33,9 @@ def interpolate_log(xs: list[float], ys: list[float], x: float) -> float | None:
     outside ``[xs[0], xs[-1]]``."""
     if not xs or x < xs[0] or x > xs[-1]:
         return None
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
-        if x0 <= x <= x1:
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
             w = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
             return math.exp((1 - w) * math.log(y0) + w * math.log(y1))
     return ys[-1]

@@ -38,13 +38,15 @@ POLICIES = {"BPR": "priority", "no BPR": "position"}
 
 @dataclass
 class VMoEConfig:
-    epochs: int = 20
+    epochs: int = 10
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup: int = 50  # steps
+    warmup_fraction: float = 0.05  # of the training steps
     capacity_factor: float = 1.05  # training ratio (paper: 1.05)
     eval_batch: int = 500  # images per capacity group at inference
+    d_model: int = 32
+    ffn_hidden: int = 64  # dense FFN and expert width
     num_experts: int = 8
     k: int = 2
 
@@ -60,11 +62,13 @@ def train(cfg: VMoEConfig, images: Tensor, labels: Tensor, seed: int,
     cross-entropy plus the MoE losses, AdamW and a warm-up + cosine schedule."""
     torch.manual_seed(seed)
     model = VisionMoE(digits_config(images.shape[-1], capacity_factor=cfg.capacity_factor,
+                                    d_model=cfg.d_model, ffn_hidden=cfg.ffn_hidden,
                                     num_experts=cfg.num_experts, k=cfg.k))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, cfg.warmup, total,
+    warmup = max(1, round(cfg.warmup_fraction * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_factor(s, warmup, total,
                                                                            floor=0.0))
     g = torch.Generator().manual_seed(seed)
     model.train()

@@ -1,5 +1,6 @@
 """The papers' architectures built from sparsemoe layers."""
 
+from .architectures import ARCHITECTURES, Architecture, build_model
 from .deep_moe import DeepMoE, DeepMoEConfig, matched_width, mlp
 from .lstm_lm import (
     PRESET_SETS,
@@ -10,14 +11,24 @@ from .lstm_lm import (
     parameter_counts,
     preset,
 )
+from .transformer import MoETransformer, TransformerConfig, dense_twin
+from .vit import VisionMoE, ViTConfig
 
 __all__ = [
+    "ARCHITECTURES",
     "PRESETS",
     "PRESET_SETS",
+    "Architecture",
     "DeepMoE",
     "DeepMoEConfig",
     "LMConfig",
     "LSTMLanguageModel",
+    "MoETransformer",
+    "TransformerConfig",
+    "ViTConfig",
+    "VisionMoE",
+    "build_model",
+    "dense_twin",
     "matched_width",
     "mlp",
     "multiply_adds_per_token",

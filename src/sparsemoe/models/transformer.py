@@ -2,8 +2,8 @@
 
 token embedding → n_layers × Block → norm → linear head, with pre-norm residual blocks
 
-    x ← x + Attention(Norm(x))         causal multi-head self-attention (F.scaled_dot_product_attention)
-    x ← x + FFN(Norm(x))               dense, or an MoE layer every ``moe_every`` layers
+    x ← x + Attention(Norm(x))    causal multi-head attention (F.scaled_dot_product_attention)
+    x ← x + FFN(Norm(x))          dense, or an MoE layer every ``moe_every`` layers
 
 Norm is RMSNorm (Zhang & Sennrich 2019) or LayerNorm; positions are rotary (RoPE, Su et al.
 2021, in the "rotate half" layout of LLaMA and Mixtral) or learned. Nothing has a bias. The MoE
