@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -21,3 +23,11 @@ def test_routers_example_runs(capsys):
     exec(compile(code, "README routers", "exec"), {})
     drop_fraction, aux = map(float, capsys.readouterr().out.split())
     assert 0 <= drop_fraction < 0.5 and aux > 0
+
+
+def test_transformer_example_runs(capsys):
+    pytest.importorskip("transformers")
+    section = README.read_text().split("## MoE Transformers and the Vision MoE", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(compile(code, "README transformer", "exec"), {})
+    assert float(capsys.readouterr().out) <= 1e-5  # the Mixtral export's largest logit error
