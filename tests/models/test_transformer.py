@@ -180,7 +180,7 @@ def test_layer_norm_learned_positions_and_errors():
         TransformerConfig(d_model=10)
     with pytest.raises(ValueError, match="must be divisible by the experts per token"):
         TransformerConfig(router="top-k", num_experts=4, k=3)
-    with pytest.raises(ValueError, match="must add up to ffn_hidden = 512"):
+    with pytest.raises(ValueError, match="must add up to ffn_hidden = 256"):
         dense_twin(TransformerConfig(router="top-k", num_experts=4, k=2, hidden=100))
     with pytest.raises(ValueError, match="preset must be one of"):
         preset("gpt")
