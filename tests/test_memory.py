@@ -61,7 +61,7 @@ def test_recompute_is_off_in_evaluation_and_named_in_errors():
     with pytest.raises(TypeError, match="recompute must be a bool, got str 'yes'"):
         sparsemoe.FeedForwardExperts(4, 16, 32, recompute="yes")
     with pytest.raises(ValueError, match="recompute=True applies to the feed-forward experts"):
-        sparsemoe.MoE(16, 2, 1, experts=[torch.nn.Linear(16, 16)] * 2, recompute=True)
+        sparsemoe.MoE(16, 2, 1, expert_modules=[torch.nn.Linear(16, 16)] * 2, recompute=True)
 
 
 # GradientBuffers: the expert banks' weight gradients written into reused memory.

@@ -1,13 +1,15 @@
 """Argument validation shared by the public entry points.
 
-Every error names the argument, what was expected and what was received (style.md, rule 5).
+Every error names the argument, what was expected and what was received.
 Internals trust their callers; only constructors and public functions call these.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def check_int(name: str, value: object, *, minimum: int = 1) -> int:
@@ -98,3 +100,33 @@ def check_number(
     if too_low or too_high or value != value:  # NaN fails every comparison
         raise ValueError(f"{name} must be {expected}, got {value!r}")
     return value
+
+
+def check_expert_bank(name: str, bank: object) -> nn.Module:
+    """``bank`` must be an expert bank: a module with an int ``num_experts`` that maps rows
+    sorted by expert and their routes to outputs (:mod:`sparsemoe.experts`)."""
+    if not isinstance(bank, nn.Module) or not isinstance(getattr(bank, "num_experts", None), int):
+        raise TypeError(f"{name} must be an expert bank (a module with num_experts, such as "
+                        f"FeedForwardExperts or ModuleListExperts), got {type(bank).__name__}")
+    return bank
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def renamed_argument(
+    owner: str, old: str, old_value: object, new: str, new_value: object
+) -> object:
+    """The value of argument ``new``, also accepted under its deprecated name ``old``
+    (with a DeprecationWarning). None means "not given" for both."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{owner}({old}=...) is deprecated: use {new}= (same meaning)",
+                  DeprecationWarning, stacklevel=3)
+    if new_value is not None:
+        raise TypeError(f"{owner} got both {old}= and {new}=; give only {new}=")
+    return old_value

@@ -2,9 +2,9 @@
 
 This is the only fast path of sparsemoe; every router and layer goes through it. It is dropless by
 default: every (token, expert) pair chosen by the router is computed. A router may mark pairs as
-not valid (an expert-choice cell its expert did not pick, GShard's skipped second expert) and a
-:class:`Capacity` limit drops pairs beyond an expert's capacity; either way the pair is not
-computed and contributes nothing to its token's output.
+not valid (an expert-choice cell its expert did not pick, GShard's skipped second expert, a pair
+beyond its expert's :class:`~sparsemoe.capacity.Capacity`); such a pair is not computed and
+contributes nothing to its token's output.
 
 Index letters: ``T`` tokens, ``k`` experts per token, ``N = T·k`` (token, expert) pairs,
 ``n`` experts, ``p``/``q`` input/output widths of a grouped matmul.
@@ -27,15 +27,14 @@ Design (why it is fast and memory-flat):
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import warnings
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import autocast_dtype, check_int, check_number
+from ._checks import autocast_dtype
 from .memory import GradientBuffers
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
@@ -385,109 +384,15 @@ def dispatch_combine(
     return y, routes
 
 
-DROP_POLICIES = ("position", "priority")
-"""How :func:`capacity_mask` orders the pairs competing for an expert's capacity."""
-
-CAPACITY_GROUPS = ("batch", "sequence")
-"""Over which tokens a capacity is counted: all tokens of the forward, or each sequence."""
+_MOVED_TO_CAPACITY = ("CAPACITY_GROUPS", "DROP_POLICIES", "Capacity", "capacity_mask")
 
 
-@dataclass(frozen=True)
-class Capacity:
-    """An expert capacity and the policy that decides which pairs beyond it are dropped.
+def __getattr__(name: str) -> object:
+    """The capacity names that lived here: deprecated aliases of :mod:`sparsemoe.capacity`."""
+    if name in _MOVED_TO_CAPACITY:
+        warnings.warn(f"sparsemoe.dispatch.{name} is deprecated: use sparsemoe.capacity.{name} "
+                      f"(or sparsemoe.Capacity)", DeprecationWarning, stacklevel=2)
+        from . import capacity
 
-    ``capacity = max(minimum, ceil(k · S / n · factor))`` pairs per expert and group of ``S``
-    tokens (Switch Transformer: ``ceil(tokens / experts · capacity_factor)``; GShard's
-    ``2N / (G·E)`` is ``k = 2``, ``factor = 1``), or a fixed ``tokens`` per expert and group
-    (as ``expert_capacity`` in the Switch Transformers of ``transformers``). A dropped pair is
-    not computed and contributes nothing: its token keeps only its other experts (and the
-    model's residual).
-
-    Args:
-        factor: capacity factor (Switch: 1.0 to 1.25 in training, 2.0 in evaluation).
-        tokens: a fixed capacity instead of ``factor``.
-        minimum: the least capacity whatever ``S`` (DeepSpeed-MoE's ``min_capacity``: 4).
-        policy: ``"position"`` — all first choices before all second choices, each in token
-            order (GShard Algorithm 1, Switch); ``"priority"`` — the same, but within a choice
-            rank tokens go in decreasing order of their largest routing weight (Batch
-            Prioritized Routing, Riquelme et al. 2021, V-MoE).
-        group: ``"batch"`` — one capacity over all tokens of the forward; ``"sequence"`` —
-            one per sequence, the second-to-last input dimension (GShard's groups; the
-            Switch Transformers block of ``transformers``).
-    """
-
-    factor: float | None = None
-    tokens: int | None = None
-    minimum: int = 4
-    policy: str = "position"
-    group: str = "batch"
-
-    def __post_init__(self) -> None:
-        if (self.factor is None) == (self.tokens is None):
-            raise ValueError("Capacity needs exactly one of factor= or tokens=, got "
-                             f"factor={self.factor!r}, tokens={self.tokens!r}")
-        if self.factor is not None:
-            check_number("factor", self.factor, low=0, low_open=True)
-        if self.tokens is not None:
-            check_int("tokens", self.tokens, minimum=0)
-        check_int("minimum", self.minimum, minimum=0)
-        if self.policy not in DROP_POLICIES:
-            raise ValueError(f"policy must be one of {DROP_POLICIES}, got {self.policy!r}")
-        if self.group not in CAPACITY_GROUPS:
-            raise ValueError(f"group must be one of {CAPACITY_GROUPS}, got {self.group!r}")
-
-    def per_expert(self, group_tokens: int, k: int, num_experts: int) -> int:
-        """The capacity of one expert in a group of ``group_tokens`` tokens with ``k`` choices."""
-        if self.tokens is not None:
-            return self.tokens
-        return max(self.minimum, math.ceil(k * group_tokens / num_experts * self.factor))
-
-
-def capacity_mask(
-    expert_indices: Tensor,
-    valid: Tensor | None,
-    num_experts: int,
-    capacity: int,
-    *,
-    group_size: int | None = None,
-    priority: Tensor | None = None,
-) -> Tensor:
-    """Which (token, expert) pairs fit within each expert's capacity.
-
-    Pairs compete in rank order: choice ``j`` of every token before choice ``j+1`` of any;
-    within a choice, tokens in order, or in decreasing ``priority`` (stable). Within each
-    group of ``group_size`` consecutive tokens, the first ``capacity`` valid pairs of each
-    expert are kept. Vectorised: one sort by (group, expert) over the ranked pairs, no loop.
-
-    Args:
-        expert_indices: ``[T, k]`` int64.
-        valid: ``[T, k]`` bool, pairs the router chose (masked pairs use no capacity), or None.
-        num_experts: ``n``.
-        capacity: pairs per expert and group.
-        group_size: tokens per group (must divide ``T``); None: one group.
-        priority: ``[T]`` token priorities (higher first), or None for token order.
-
-    Returns:
-        ``[T, k]`` bool: the pairs that are computed.
-    """
-    t, k = expert_indices.shape
-    device = expert_indices.device
-    token_order = torch.arange(t, device=device)
-    if priority is not None:
-        token_order = torch.sort(priority, descending=True, stable=True).indices
-    # rank r = j·T + i is the pair (token_order[i], choice j); ranked[r] is its flat grid index.
-    ranked = (token_order[None, :] * k + torch.arange(k, device=device)[:, None]).reshape(-1)
-    group = torch.div(ranked, k * (group_size or max(t, 1)), rounding_mode="floor")
-    groups = t // group_size if group_size else 1
-    dump = groups * num_experts  # the bucket of masked pairs
-    bucket = group * num_experts + expert_indices.reshape(-1)[ranked]
-    if valid is not None:
-        bucket = torch.where(valid.reshape(-1)[ranked], bucket, dump)
-    sorted_bucket, by_bucket = torch.sort(bucket, stable=True)
-    sizes = bucket.new_zeros(dump + 1).index_add_(0, bucket, torch.ones_like(bucket))
-    starts = torch.cumsum(sizes, 0) - sizes
-    position = torch.arange(bucket.numel(), device=device) - starts[sorted_bucket]
-    keep_sorted = (position < capacity) & (sorted_bucket < dump)
-    keep = torch.zeros(t * k, dtype=torch.bool, device=device)
-    keep[ranked[by_bucket]] = keep_sorted
-    return keep.view(t, k)
+        return getattr(capacity, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from ..data import DigitSplit, load_digit_set, num_offsets, offset_index, place_on_canvas
 from ..data.jitter import all_offsets, jitter
-from ..layers import aux_loss
 from ..models.deep_moe import DeepMoE, DeepMoEConfig, matched_width, mlp
+from ..module import aux_loss
 
 MAX_OFFSET = 4  # ±4 pixels: 81 positions (the paper's jittered MNIST)
 METRICS = "metrics.json"

@@ -30,7 +30,6 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
-from ..layers import MoELayer, aux_loss
 from ..models.lstm_lm import (
     PRESET_SETS,
     PRESETS,
@@ -39,6 +38,7 @@ from ..models.lstm_lm import (
     multiply_adds_per_token,
     parameter_counts,
 )
+from ..module import MoEModule, aux_loss
 from ..optim import FactoredAdam, param_groups
 from ..parallel import (
     exchange_stats,
@@ -127,7 +127,7 @@ def evaluate(
         tokens = tokens[: max_tokens + 1]
     was_training = model.training
     model.eval()
-    moe = [m for m in model.modules() if isinstance(m, MoELayer)]
+    moe = [m for m in model.modules() if isinstance(m, MoEModule)]
     load = [0] * len(moe)
     nll, count = 0.0, 0
     for logits, targets, _ in stream_forward(model, tokens, batch_size, bptt, processes):

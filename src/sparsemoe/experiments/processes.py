@@ -120,8 +120,7 @@ class ExpertParallelRanks(OneProcess):
         return model
 
     def _fork_rng(self) -> None:
-        # one draw from the common stream, offset by the rank
-        torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+        torch.manual_seed(parallel.rank_seed())
 
     def root_first(self, load: Callable[[], T]) -> T:
         if self.rank != 0:

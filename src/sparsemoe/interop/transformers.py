@@ -28,11 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import Capacity
+from ..capacity import Capacity
+from ..dense_paths import SharedExpertMoE
 from ..experts import FeedForwardExperts
 from ..layers import MoELayer
 from ..routers import SwitchRouter, TopKRouter
-from ..shared import SharedExpertMoE
 
 SUPPORTED_BLOCKS = (
     "MixtralSparseMoeBlock",

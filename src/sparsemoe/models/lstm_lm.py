@@ -115,8 +115,8 @@ class LSTMLanguageModel(nn.Module):
                 w_load=cfg.w_load,
             ))
         elif cfg.middle == "deep":
-            layers.append(MoE(d, 1, 1, experts=[_deep_expert(d, cfg.hidden, cfg.deep_layers)],
-                              output_activation="sigmoid"))
+            deep = _deep_expert(d, cfg.hidden, cfg.deep_layers)
+            layers.append(MoE(d, 1, 1, expert_modules=[deep], output_activation="sigmoid"))
         else:
             layers += [nn.LSTM(d, d, batch_first=True), nn.LSTM(d, d, batch_first=True)]
         layers.append(nn.LSTM(d, d, batch_first=True))

@@ -19,7 +19,7 @@ class BASERouter(LinearRouter):
     does not divide ``T``), solved exactly by the auction algorithm
     (:func:`sparsemoe.functional.balanced_assignment`). At inference ``a_t = argmax_e h_t·w_e``.
     The expert's output is weighted by ``σ(h_t·w_{a_t})``; the BASE layer returns
-    ``h_t + σ(h_t·w_{a_t})·f_{a_t}(h_t)`` (:class:`sparsemoe.layers.BASELayer` adds the
+    ``h_t + σ(h_t·w_{a_t})·f_{a_t}(h_t)`` (:class:`sparsemoe.dense_paths.BASELayer` adds the
     residual). The balancing needs no auxiliary loss; the gate learns through the sigmoid.
 
     Args:
