@@ -3,6 +3,8 @@
 The graph is read from the source (ast), every import statement counted, also those inside
 functions: a lazy import back up is still an arrow both ways. Importing ``a.b.c`` runs the
 ``__init__`` of every package on the way that is not already an ancestor of the importer.
+The one exception is a module's own ``__getattr__``: it resolves deprecated aliases of names
+that moved elsewhere (PEP 562) and runs only when such an old name is used.
 """
 
 from __future__ import annotations
@@ -31,7 +33,10 @@ def import_graph(root: Path) -> dict[str, set[str]]:
         is_package = path.name == "__init__.py"
         package = name if is_package else name.rpartition(".")[0]
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        tree = ast.parse(path.read_text(), str(path))
+        tree.body = [s for s in tree.body
+                     if not (isinstance(s, ast.FunctionDef) and s.name == "__getattr__")]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 targets.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom):
@@ -106,6 +111,10 @@ def write(root: Path, files: dict[str, str]) -> Path:
     # a lazy import back from a lower module
     ({"pkg/__init__.py": "", "pkg/low.py": "def f():\n    from .high import g\n",
       "pkg/high.py": "from .low import f\n"},
+     ["pkg.high", "pkg.low", "pkg.high"]),
+    # a lazy import inside a method named __getattr__ is still an import
+    ({"pkg/__init__.py": "", "pkg/low.py": "class A:\n    def __getattr__(self, n):\n"
+      "        from .high import g\n", "pkg/high.py": "from .low import A\n"},
      ["pkg.high", "pkg.low", "pkg.high"]),
     # a package whose __init__ imports a module that imports a child of the package
     ({"pkg/__init__.py": "", "pkg/sub/__init__.py": "from .top import x\n",
