@@ -12,12 +12,14 @@ import torch
 from torch import Tensor, nn
 
 
-def check_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """``value`` must be a Python int (not bool) of at least ``minimum``."""
+def check_int(name: str, value: object, *, minimum: int = 1, reason: str = "") -> int:
+    """``value`` must be a Python int (not bool) of at least ``minimum`` (``reason``, e.g.
+    ``"for top-2 gating"``, is said in the error)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        why = f" {reason}" if reason else ""
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
     return value
 
 

@@ -45,7 +45,7 @@ the installed torch supports the device and dtype, else the second."""
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Routes(NamedTuple):
+class SortedPairs(NamedTuple):
     """The ``N`` computed (token, expert) pairs, sorted by expert (stable: token order kept).
 
     ``N = T·k`` without a validity mask; with one, ``N`` is the number of valid pairs.
@@ -68,12 +68,12 @@ class Experts(Protocol):
 
     num_experts: int
 
-    def __call__(self, x_sorted: Tensor, routes: Routes) -> Tensor: ...
+    def __call__(self, x_sorted: Tensor, routes: SortedPairs) -> Tensor: ...
 
 
 def sort_by_expert(
     expert_indices: Tensor, num_experts: int, valid: Tensor | None = None
-) -> Routes:
+) -> SortedPairs:
     """Group the (token, expert) pairs of a routing decision by expert.
 
     Args:
@@ -82,7 +82,7 @@ def sort_by_expert(
         valid: ``[T, k]`` bool, the pairs to compute; None computes every pair.
 
     Returns:
-        :class:`Routes` over the valid pairs (all ``T·k`` of them when ``valid`` is None).
+        :class:`SortedPairs` over the valid pairs (all ``T·k`` of them when ``valid`` is None).
     """
     k = expert_indices.shape[1]
     flat = expert_indices.reshape(-1)
@@ -98,24 +98,24 @@ def sort_by_expert(
         computed = int(tokens_per_expert.sum())  # a host sync: the row count of the experts' input
         order, expert_index = order[:computed], expert_index[:computed]
     token_index = torch.div(order, k, rounding_mode="floor")
-    return Routes(order, token_index, expert_index, tokens_per_expert)
+    return SortedPairs(order, token_index, expert_index, tokens_per_expert)
 
 
 def equal_routes(
     num_experts: int, rows_per_expert: int, device: torch.device | None = None
-) -> Routes:
-    """Routes for rows already grouped by expert, ``rows_per_expert`` rows each.
+) -> SortedPairs:
+    """The sorted pairs of rows already grouped by expert, ``rows_per_expert`` rows each.
 
     For inputs that are not tokens (Soft MoE's slots): row ``r`` belongs to expert
     ``r // rows_per_expert``; ``order`` and ``token_index`` are the identity.
 
     Returns:
-        :class:`Routes` over ``num_experts · rows_per_expert`` rows.
+        :class:`SortedPairs` over ``num_experts · rows_per_expert`` rows.
     """
     rows = torch.arange(num_experts * rows_per_expert, device=device)
     expert_index = torch.div(rows, max(rows_per_expert, 1), rounding_mode="floor")
     tokens_per_expert = torch.full((num_experts,), rows_per_expert, device=device)
-    return Routes(rows, rows, expert_index, tokens_per_expert)
+    return SortedPairs(rows, rows, expert_index, tokens_per_expert)
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -224,7 +224,7 @@ def grouped_matmul(
     return _grouped_matmul(x, w, tokens_per_expert, impl)
 
 
-def _inverse_permutation(routes: Routes, num_pairs: int) -> Tensor:
+def _inverse_permutation(routes: SortedPairs, num_pairs: int) -> Tensor:
     """``[num_pairs]`` the sorted position of each grid pair; ``N`` (one past the last computed
     pair) for a masked pair."""
     n = routes.order.numel()
@@ -267,8 +267,9 @@ class _GatherTokens(torch.autograd.Function):
         return _bag_sum(grad, index, keep), None, None
 
 
-def gather_tokens(x: Tensor, routes: Routes, k: int) -> Tensor:
-    """The input row of every computed pair, in :class:`Routes` order: ``x[routes.token_index]``.
+def gather_tokens(x: Tensor, routes: SortedPairs, k: int) -> Tensor:
+    """The input row of every computed pair, in :class:`SortedPairs` order:
+    ``x[routes.token_index]``.
 
     Args:
         x: ``[T, d]`` tokens.
@@ -283,8 +284,8 @@ def gather_tokens(x: Tensor, routes: Routes, k: int) -> Tensor:
     return _GatherTokens.apply(x, routes.token_index, inverse)
 
 
-def unsort(values: Tensor, routes: Routes, num_pairs: int | None = None) -> Tensor:
-    """Put per-pair values from :class:`Routes` order back into flattened ``[T·k]`` grid order.
+def unsort(values: Tensor, routes: SortedPairs, num_pairs: int | None = None) -> Tensor:
+    """Put per-pair values from :class:`SortedPairs` order back into flattened ``[T·k]`` grid order.
 
     A gather through the inverse permutation: deterministic, no atomic adds. Grid positions of
     pairs that were not computed (masked) read a zero row.
@@ -337,14 +338,14 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None, None
 
 
-def combine(y_sorted: Tensor, combine_weights: Tensor, routes: Routes) -> Tensor:
+def combine(y_sorted: Tensor, combine_weights: Tensor, routes: SortedPairs) -> Tensor:
     """Mix the expert outputs of each token: ``y[t] = Σ_j combine_weights[t, j] · y_pair(t, j)``.
 
     This is eq. 1 of Shazeer et al. (2017), ``y = Σ_i G(x)_i E_i(x)``, over the ``k`` non-zero
     gates of each token; a masked (not computed) pair contributes nothing.
 
     Args:
-        y_sorted: ``[N, d]`` expert outputs in :class:`Routes` order.
+        y_sorted: ``[N, d]`` expert outputs in :class:`SortedPairs` order.
         combine_weights: ``[T, k]`` gate values.
         routes: from :func:`sort_by_expert`.
 
@@ -362,19 +363,20 @@ def dispatch_combine(
     combine_weights: Tensor,
     experts: Experts,
     valid: Tensor | None = None,
-) -> tuple[Tensor, Routes]:
+) -> tuple[Tensor, SortedPairs]:
     """Run every token through its chosen experts and mix the results by the gates.
 
     Args:
         x: ``[T, d]`` tokens.
         expert_indices: ``[T, k]`` int64 experts chosen per token.
         combine_weights: ``[T, k]`` gate value of each choice.
-        experts: an expert bank mapping ``([N, d] rows sorted by expert, Routes) -> [N, d_out]``.
+        experts: an expert bank mapping ``([N, d] rows sorted by expert, SortedPairs)`` to
+            ``[N, d_out]``.
         valid: ``[T, k]`` bool, the pairs to compute; a masked pair is not computed and adds
             nothing to its token's output. None computes every pair.
 
     Returns:
-        ``([T, d_out] outputs, Routes)``; ``Routes.tokens_per_expert`` is the true load.
+        ``([T, d_out] outputs, SortedPairs)``; ``SortedPairs.tokens_per_expert`` is the true load.
     """
     routes = sort_by_expert(expert_indices, experts.num_experts, valid)
     # gather_tokens and combine, sharing one inverse permutation.
@@ -388,7 +390,12 @@ _MOVED_TO_CAPACITY = ("CAPACITY_GROUPS", "DROP_POLICIES", "Capacity", "capacity_
 
 
 def __getattr__(name: str) -> object:
-    """The capacity names that lived here: deprecated aliases of :mod:`sparsemoe.capacity`."""
+    """Deprecated aliases: ``Routes`` (now :class:`SortedPairs`) and the capacity names that
+    moved to :mod:`sparsemoe.capacity`."""
+    if name == "Routes":
+        warnings.warn("sparsemoe.dispatch.Routes is deprecated: use sparsemoe.dispatch.SortedPairs",
+                      DeprecationWarning, stacklevel=2)
+        return SortedPairs
     if name in _MOVED_TO_CAPACITY:
         warnings.warn(f"sparsemoe.dispatch.{name} is deprecated: use sparsemoe.capacity.{name} "
                       f"(or sparsemoe.Capacity)", DeprecationWarning, stacklevel=2)

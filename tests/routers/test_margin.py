@@ -11,7 +11,7 @@ from sparsemoe.routers.margin import margin_constraint
 
 def biased_router(d=6, n=4, favourite=0, hidden=None):
     """A softmax gate that gives most of every example to one expert (the degenerate case)."""
-    router = SoftmaxRouter(d, n, bias=True, hidden=hidden)
+    router = SoftmaxRouter(d, n, bias=True, gate_hidden=hidden)
     with torch.no_grad():
         router.b_gate[favourite] = 4.0
     return router

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._checks import autocast_dtype, check_expert_bank
-from ..dispatch import Routes, gather_tokens, sort_by_expert, unsort
+from ..dispatch import SortedPairs, gather_tokens, sort_by_expert, unsort
 from ..experts import FeedForwardExperts
 
 ProcessGroup = dist.ProcessGroup
@@ -192,7 +192,7 @@ class ExpertParallel(nn.Module):
         group: the process group (None: the default group).
 
     Shape:
-        ``[N, d]`` rows sorted by global expert, with :class:`~sparsemoe.dispatch.Routes` over
+        ``[N, d]`` rows sorted by global expert, with :class:`~sparsemoe.dispatch.SortedPairs` over
         ``n`` experts → ``[N, d_out]``.
     """
 
@@ -208,7 +208,7 @@ class ExpertParallel(nn.Module):
         self.first_expert = self.rank * self.num_local_experts
         self.last_exchange: ExchangeStats | None = None
 
-    def forward(self, x: Tensor, routes: Routes) -> Tensor:
+    def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         w, n_local = self.world_size, self.num_local_experts
         send = routes.tokens_per_expert.reshape(w, n_local).contiguous()  # [W, n_l]
         recv = torch.empty_like(send)

@@ -13,7 +13,7 @@ from .hash import HashRouter, balanced_hash_table
 from .margin import MarginConstrainedRouter
 from .noisy_top_k import HierarchicalNoisyTopKRouter, NoisyTopKRouter
 from .reinforce import ReinforceRouter
-from .soft_moe import SoftMoERouter, SoftRouting
+from .soft_moe import SoftMoERouter, SoftMoEWeights
 from .strictly_balanced import StrictlyBalancedRouter
 from .switch import SwitchRouter
 from .top_k import TopKRouter
@@ -33,10 +33,21 @@ __all__ = [
     "Router",
     "Routing",
     "SoftMoERouter",
-    "SoftRouting",
+    "SoftMoEWeights",
     "SoftmaxRouter",
     "StrictlyBalancedRouter",
     "SwitchRouter",
     "TopKRouter",
     "balanced_hash_table",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``SoftRouting``: the deprecated name of :class:`SoftMoEWeights`."""
+    if name == "SoftRouting":
+        import warnings
+
+        warnings.warn("sparsemoe.routers.SoftRouting is deprecated: use "
+                      "sparsemoe.routers.SoftMoEWeights", DeprecationWarning, stacklevel=2)
+        return SoftMoEWeights
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
