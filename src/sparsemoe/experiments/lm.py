@@ -1,5 +1,6 @@
 """The paper's language-model experiment (Shazeer et al. 2017, §5.1 and Appendix C.1):
-train, evaluate, compare presets at equal compute per token, and report.
+training and evaluation. The comparison of presets and its report are in
+:mod:`sparsemoe.experiments.lm_report`, which builds on this module (never the reverse).
 
 Training follows Appendix C.1: Adam, the learning rate rising linearly over ``warmup`` steps
 and then falling ∝ step^-1/2, cross-entropy plus the MoE layers' auxiliary losses, truncated
@@ -29,16 +30,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._checks import check_choice, check_int, check_number
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..models.lstm_lm import (
-    PRESET_SETS,
     PRESETS,
     LMConfig,
     LSTMLanguageModel,
+    check_preset,
     multiply_adds_per_token,
     parameter_counts,
 )
-from ..module import MoEModule, aux_loss
+from ..module import MoEModule, aux_loss, coefficient_of_variation, max_over_mean
 from ..optim import FactoredAdam, param_groups
 from ..parallel import (
     exchange_stats,
@@ -54,33 +56,62 @@ OPTIMIZERS = ("adam", "factored-adam")
 METRICS = "metrics.json"
 
 
+def _help(text: str, **cli) -> dict:
+    """A field's help text (and argparse options) for the command line's flag."""
+    return {"help": text, **cli}
+
+
 @dataclass
-class TrainConfig:
-    corpus: tuple[str, ...] = ("shakespeare",)  # "shakespeare", "1b-word=ROOT" or text files
-    vocab_size: int | None = 10_000  # None: every training word
+class LMTrainConfig:
+    """One training run of the language model: data, model, optimisation, schedule and
+    output. The ``lm train`` and ``lm compare`` flags are built from these fields and their
+    help texts (``metadata["help"]``)."""
+
+    corpus: tuple[str, ...] = field(default=("shakespeare",), metadata=_help(
+        "'shakespeare' (default, fetched on first use), '1b-word=ROOT' (the 1 Billion Word "
+        "Benchmark layout) or plain-text files"))
+    vocab_size: int | None = field(default=10_000, metadata=_help(
+        "most frequent training words kept (0 or None: all)"))
     preset: str | None = "MoE-32"  # a PRESETS name, or None for LMConfig defaults
     model: dict = field(default_factory=dict)  # LMConfig field overrides
-    batch_size: int = 32  # parallel streams
-    bptt: int = 35  # time steps per batch
-    lr: float = 2e-3  # peak learning rate (the paper does not give one)
-    warmup: int = 200  # linear warm-up steps (paper: 1000)
-    clip: float = 1.0  # gradient-norm clipping
-    optimizer: str = "adam"  # or "factored-adam": Appendix D's memory-saving Adam
-    steps: int | None = 1000  # training steps (None: until time_budget)
-    time_budget: float | None = None  # seconds of training, checked after each step
-    eval_every: int = 200  # steps between validations (and checkpoints)
-    eval_tokens: int | None = 20_000  # periodic validation on this many tokens (final: all)
-    seed: int = 0
-    out: str = "runs/lm"
+    batch_size: int = field(default=32, metadata=_help("parallel streams"))
+    bptt: int = field(default=35, metadata=_help("time steps per batch"))
+    lr: float = field(default=2e-3, metadata=_help(
+        "peak learning rate (the paper does not give one)"))
+    warmup: int = field(default=200, metadata=_help("linear warm-up steps (paper: 1000)"))
+    clip: float = field(default=1.0, metadata=_help("gradient-norm clipping"))
+    optimizer: str = field(default="adam", metadata=_help(
+        "'factored-adam': Appendix D's Adam (β1 = 0, factored second moment)",
+        choices=OPTIMIZERS))
+    steps: int | None = field(default=1000, metadata=_help(
+        "training steps (None: until time_budget)"))
+    time_budget: float | None = field(default=None, metadata=_help(
+        "seconds of training, checked after each step"))
+    eval_every: int = field(default=200, metadata=_help(
+        "steps between validations (and checkpoints)"))
+    eval_tokens: int | None = field(default=20_000, metadata=_help(
+        "validation tokens for the periodic checks (the final one uses all)"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    out: str = field(default="runs/lm", metadata=_help("run directory"))
 
     def __post_init__(self) -> None:
         if self.steps is None and self.time_budget is None:
             raise ValueError("give steps or time_budget (or both), got neither")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.preset is not None and self.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {tuple(PRESETS)} or None, "
-                             f"got {self.preset!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.preset is not None:
+            check_preset(self.preset)
+        if self.vocab_size == 0:
+            self.vocab_size = None
+        for name in ("batch_size", "bptt", "warmup", "eval_every"):
+            check_int(name, getattr(self, name))
+        for name in ("steps", "vocab_size", "eval_tokens"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=0)
+        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("clip", self.clip, low=0, low_open=True)
+        if self.time_budget is not None:
+            check_number("time_budget", self.time_budget, low=0, low_open=True)
         self.corpus = tuple(self.corpus)
 
     def model_config(self, vocab_size: int) -> LMConfig:
@@ -146,13 +177,12 @@ def evaluate(
 
 
 def load_statistics(tokens_per_expert: list[list[int]]) -> dict:
-    """CV and max/mean of the per-expert token counts of the first MoE layer."""
+    """CV and max/mean of the per-expert token counts of the first MoE layer (as in
+    :class:`~sparsemoe.MoEStats`)."""
     if not tokens_per_expert:
         return {}
     t = torch.tensor(tokens_per_expert[0], dtype=torch.float64)
-    mean = t.mean()
-    return {"cv_load": float(t.std(correction=0) / mean) if mean > 0 else 0.0,
-            "max_over_mean_load": float(t.max() / mean) if mean > 0 else 0.0,
+    return {"cv_load": coefficient_of_variation(t), "max_over_mean_load": max_over_mean(t),
             "experts_unused": int((t == 0).sum())}
 
 
@@ -179,7 +209,7 @@ class Trainer:
     then calls :meth:`run`, and only rank 0 shows progress and writes files.
     """
 
-    def __init__(self, cfg: TrainConfig, corpus: Corpus | None = None,
+    def __init__(self, cfg: LMTrainConfig, corpus: Corpus | None = None,
                  progress: bool = True, processes: OneProcess = ONE_PROCESS) -> None:
         if cfg.batch_size % processes.world_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) must be divisible by the number "
@@ -193,11 +223,12 @@ class Trainer:
         ckpt_path = self.out / CHECKPOINT
         self.ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
         if self.ckpt is not None:
-            saved = TrainConfig(**self.ckpt["config"])
+            saved = LMTrainConfig(**self.ckpt["config"])
             same = replace(saved, steps=cfg.steps, time_budget=cfg.time_budget)
             if same != cfg:
                 raise ValueError(f"{ckpt_path} was written by a different configuration "
-                                 f"({saved}); use another --out or the same settings")
+                                 f"({saved}); use another run directory (out) or the same "
+                                 f"settings")
             vocab = Vocabulary(self.ckpt["vocab"])
             corpus = corpus if corpus is not None and corpus.vocab.words == vocab.words else \
                 processes.root_first(lambda: load_corpus(cfg.corpus, vocab=vocab))
@@ -377,7 +408,7 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[LSTMLanguageModel, dict]:
     """The model saved in a run directory, and the checkpoint dictionary."""
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
+        raise FileNotFoundError(f"no {CHECKPOINT} in {checkpoint_dir}")
     ck = torch.load(path, weights_only=False)
     model = LSTMLanguageModel(LMConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
@@ -397,195 +428,12 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, corpus: tuple[str, ...] | No
             "test_tokens": test["tokens"], "load": load_statistics(valid["tokens_per_expert"])}
 
 
-def expert_contexts(
-    checkpoint_dir: str | Path, experts: int = 6, top: int = 8, context: int = 4,
-    max_tokens: int = 50_000,
-) -> str:
-    """What experts learned, like the paper's Table 9: for a few experts of the (first) MoE
-    layer, the validation contexts that route to them with the largest gate values.
+def __getattr__(name: str) -> object:
+    """``TrainConfig``: the deprecated name of :class:`LMTrainConfig`."""
+    if name == "TrainConfig":
+        import warnings
 
-    Returns a markdown table; the routed word is in bold after its ``context`` predecessors.
-    """
-    model, ck = load_trained(checkpoint_dir)
-    layers = model.moe_layers()
-    if not layers or layers[0].num_experts < 2:
-        raise ValueError(f"{checkpoint_dir}: the model has no MoE layer with several experts")
-    cfg = ck["config"]
-    vocab = Vocabulary(ck["vocab"])
-    data = load_corpus(cfg["corpus"], vocab=vocab).valid[: max_tokens + 1]
-    captured: list[tuple[Tensor, Tensor]] = []
-    hook = layers[0].router.register_forward_hook(
-        lambda mod, inp, out: captured.append((out.expert_indices, out.combine_weights)))
-    try:
-        # the router sees each batch's tokens in [B·L] order
-        positions = [pos.reshape(-1) for *_, pos in
-                     stream_forward(model, data, cfg["batch_size"], cfg["bptt"])]
-    finally:
-        hook.remove()
-    pos = torch.cat(positions)
-    idx = torch.cat([e for e, _ in captured])
-    w = torch.cat([g for _, g in captured])
-    counts = torch.bincount(idx.reshape(-1), minlength=layers[0].num_experts)
-    # evenly spaced over the experts that received enough tokens, busiest first
-    ranked = [e for e in torch.argsort(counts, descending=True).tolist() if counts[e] >= top]
-    chosen = [ranked[i] for i in torch.linspace(0, len(ranked) - 1, min(experts, len(ranked)))
-              .round().long().unique().tolist()] if ranked else []
-    words = vocab.decode(data.tolist())
-    lines = ["| expert | tokens routed | strongest contexts (gate value) |", "|---|---|---|"]
-    for e in chosen:
-        gate = torch.where(idx == e, w, torch.zeros_like(w)).sum(1)
-        best = torch.argsort(gate, descending=True)[: min(top, int((gate > 0).sum()))]
-        shown = []
-        for j in best.tolist():
-            p = int(pos[j])
-            before = " ".join(words[max(0, p - context) : p]).replace("<eos>", "/")
-            shown.append(f"{before} **{words[p]}** ({gate[j]:.2f})")
-        lines.append(f"| {e} | {int(counts[e]):,} | {'<br>'.join(shown)} |")
-    return "\n".join(lines)
-
-
-def _steps_for_budget(cfgs: list[TrainConfig], corpus: Corpus, budget: float) -> int:
-    """Common step count so that training all presets plus their evaluations fits ``budget``
-    seconds, from a short timing of each (2 warm-up + 3 timed steps, not kept)."""
-    per_step, per_eval = 0.0, 0.0
-    for cfg in cfgs:
-        probe = Trainer(replace(cfg, out=str(Path(cfg.out) / "_calibration")), corpus,
-                        progress=False)
-        for _ in range(2):
-            probe.train_step()
-        t0 = time.perf_counter()
-        for _ in range(3):
-            probe.train_step()
-        step_time = (time.perf_counter() - t0) / 3
-        per_step += step_time
-        # final full evaluation + 6 periodic ones; forward only, about a third of a step
-        eval_tokens = len(corpus.valid) + len(corpus.test) + 6 * (cfg.eval_tokens or 0)
-        per_eval += eval_tokens / (cfg.batch_size * cfg.bptt) * step_time / 3
-    return max(10, int((budget - per_eval) / per_step))
-
-
-def compare(
-    presets: list[str], base: TrainConfig, out: str | Path, time_budget: float | None = None,
-    progress: bool = True,
-) -> list[dict]:
-    """Train every preset on the same corpus for the same number of tokens, then write the
-    Table-7-style comparison (``results.md``, ``results.csv``), plots and an expert report.
-
-    With ``time_budget`` (seconds for everything), the common step count is chosen from a short
-    timing of each preset; otherwise ``base.steps`` is used.
-    """
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown presets {unknown}; choose from {tuple(PRESETS)} or the sets "
-                         f"{tuple(PRESET_SETS)}")
-    out = Path(out)
-    corpus = load_corpus(base.corpus, base.vocab_size)
-    print(corpus.describe(), flush=True)
-    cfgs = [replace(base, preset=p, out=str(out / p)) for p in presets]
-    steps = base.steps
-    if time_budget is not None:
-        steps = _steps_for_budget(cfgs, corpus, time_budget)
-        print(f"time budget {time_budget:.0f} s → {steps} steps "
-              f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
-    warmup = min(base.warmup, max(1, steps // 5))
-    every = max(1, steps // 6)
-    results = []
-    for cfg in cfgs:
-        cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
-        results.append(Trainer(cfg, corpus, progress=progress).run())
-    write_report(results, out)
-    return results
-
-
-def format_table(results: list[dict]) -> str:
-    """Markdown table in the shape of the paper's Table 7."""
-    head = ("| model | test PPL | valid PPL | madds/token (M) | params excl. emb/softmax (M) | "
-            "active/token (M) | tokens/s | max/mean load |")
-    rows = [head, "|---|---|---|---|---|---|---|---|"]
-    for r in results:
-        load = r["load"].get("max_over_mean_load")
-        rows.append(
-            f"| {r['preset']} | {r['test_perplexity']:.1f} | {r['valid_perplexity']:.1f} | "
-            f"{r['multiply_adds_per_token'] / 1e6:.3f} | {r['params_body'] / 1e6:.2f} | "
-            f"{r['params_active_per_token'] / 1e6:.3f} | {r['tokens_per_second']:,.0f} | "
-            f"{'-' if load is None else f'{load:.2f}'} |"
-        )
-    return "\n".join(rows)
-
-
-def write_report(results: list[dict], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
-    tokens = results[0]["tokens_trained"] if results else 0
-    (out / "results.md").write_text(
-        f"# Language-model comparison ({results[0]['corpus'] if results else ''}, "
-        f"{tokens:,} training tokens per model)\n\n{table}\n")
-    keys = ["preset", "test_perplexity", "valid_perplexity", "multiply_adds_per_token",
-            "params_body", "params_active_per_token", "params_total", "tokens_per_second",
-            "num_experts", "steps", "tokens_trained"]
-    lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in results]
-    (out / "results.csv").write_text("\n".join(lines) + "\n")
-    print(table, flush=True)
-    _plots(results, out)
-    moe = [r for r in results if r["model_config"]["middle"] == "moe" and r["num_experts"] > 1]
-    if moe:
-        best = max(moe, key=lambda r: r["num_experts"])
-        report = expert_contexts(out / best["preset"])
-        (out / "experts.md").write_text(f"# What the experts of {best['preset']} learned\n\n"
-                                        f"{report}\n")
-
-
-def _plots(results: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plots skipped (pip install 'sparsemoe[plot]')")
-        return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    flat = sorted((r for r in results if r["model_config"]["middle"] == "moe"),
-                  key=lambda r: r["num_experts"])
-    if flat:
-        ax.plot([r["num_experts"] for r in flat], [r["test_perplexity"] for r in flat], "o-",
-                label="flat MoE")
-    for r in results:
-        if r not in flat:
-            ax.scatter([max(r["num_experts"], 1)], [r["test_perplexity"]], marker="s",
-                       label=r["preset"])
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("experts")
-    ax.set_ylabel("test perplexity")
-    ax.set_title("Equal multiply-adds per token")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_experts.png", dpi=120)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in results:
-        h = r["history"]
-        tok = r["config"]["batch_size"] * r["config"]["bptt"]
-        ax.plot([s * tok for s in h["valid_step"]], h["valid_perplexity"], label=r["preset"])
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("validation perplexity")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "validation_curves.png", dpi=120)
-    plt.close(fig)
-
-    moe = [r for r in results if r["valid_tokens_per_expert"] and r["num_experts"] > 1]
-    if moe:
-        fig, axes = plt.subplots(1, len(moe), figsize=(3.2 * len(moe), 3), squeeze=False)
-        for ax, r in zip(axes[0], moe, strict=True):
-            counts = torch.tensor(r["valid_tokens_per_expert"][0], dtype=torch.float64)
-            ax.bar(range(len(counts)), (counts / counts.mean()).tolist(), width=1.0)
-            ax.axhline(1.0, color="k", lw=0.8)
-            ax.set_title(r["preset"])
-            ax.set_xlabel("expert")
-        axes[0][0].set_ylabel("load / mean load (validation)")
-        fig.tight_layout()
-        fig.savefig(out / "expert_load.png", dpi=120)
-        plt.close(fig)
+        warnings.warn("sparsemoe.experiments.lm.TrainConfig is deprecated: use LMTrainConfig",
+                      DeprecationWarning, stacklevel=2)
+        return LMTrainConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
