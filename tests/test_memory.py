@@ -111,6 +111,19 @@ def test_reused_gradient_memory_gives_torch_gradients(dtype, impl, tol):
     assert {k: len(v._buffers) for k, v in pooled.grad_buffers.items()} == {"w1": 1, "w2": 1}
 
 
+def test_without_torchs_storage_count_every_gradient_is_a_plain_allocation(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    pooled, plain, _, x = _bank_pair(torch.float64, "loop")
+    for step in range(2):
+        target = torch.randn(10, 8, dtype=torch.float64)
+        for bank in (pooled, plain):
+            bank.zero_grad(set_to_none=True)
+            _backward(bank, _routes(step), x, target)
+        for (name, p), q in zip(pooled.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=1e-13, msg=name)
+    assert all(v.nbytes == 0 for v in pooled.grad_buffers.values())  # nothing pooled
+
+
 def test_gradients_in_use_are_never_overwritten():
     pooled, plain, routes, x = _bank_pair(torch.float64, "loop", bias=False)
     t1, t2, t3 = (torch.randn(10, 8, dtype=torch.float64) for _ in range(3))

@@ -20,7 +20,7 @@ Design (why it is fast and memory-flat):
   gather-and-weighted-sum (``F.embedding_bag``), never building a ``[T, k, d]`` copy;
 - both row movements differentiate to gathers (:func:`gather_tokens`, :func:`combine`), not to
   ``index_select``'s scattering ``index_add`` backward: deterministic, no atomic adds, and on a
-  CPU several times faster (the scatter cost more than the expert matmuls it fed);
+  CPU faster (BENCHMARKS.md);
 - masked pairs are sorted behind every valid pair and cut off before the expert bank runs, so
   they cost nothing; the un-permute reads a zero row for them.
 """

@@ -1,5 +1,5 @@
 """The meta-pi network (Hampshire & Waibel 1992): a gated sum of experts trained on squared
-error, ``f(x) = Σ_i g_i(x) μ_i(x)``, ``L = (1/2n) Σ_n ‖y_n − f(x_n)‖²`` (papers.md §3).
+error, ``f(x) = Σ_i g_i(x) μ_i(x)``, ``L = (1/2n) Σ_n ‖y_n − f(x_n)‖²``.
 
 Unlike the likelihood mixtures, the experts here cooperate (every expert's output enters every
 prediction), so the loss is minimised directly by gradient (L-BFGS), from the same k-means

@@ -244,8 +244,8 @@ class Trainer:
                                  f"optimizer 'adam' with {processes.world_size} ranks")
             self.opt = FactoredAdam(param_groups(self.model), lr=cfg.lr)
         else:
-            # fused: one pass per parameter; on 2 CPU cores 76 ms instead of 430 ms per step
-            # for the 17M expert parameters of MoE-256 (foreach implementation)
+            # fused: one pass per parameter, faster than the foreach implementation for
+            # the large expert banks (BENCHMARKS.md)
             self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, cfg.warmup))

@@ -22,7 +22,7 @@ class ReinforceRouter(LinearRouter):
     (Williams 1992) of ``−∇ E[r]``; ``b`` is a running mean of the rewards (a variance-reducing
     baseline, updated with ``baseline_decay``). Bengio et al. gate blocks with independent
     Bernoulli units; routing each token to one expert is the categorical form of the same
-    estimator (papers.md §3: "routing as a discrete action").
+    estimator (routing as a discrete action).
 
     Args:
         d_model: input width ``d``.
