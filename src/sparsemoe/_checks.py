@@ -132,3 +132,10 @@ def renamed_argument(
     if new_value is not None:
         raise TypeError(f"{owner} got both {old}= and {new}=; give only {new}=")
     return old_value
+
+
+def deprecated_alias(module: str, name: str, new: str, value: object) -> object:
+    """``value``, which the deprecated attribute ``module.name`` stands for, with a
+    DeprecationWarning that says to use ``new`` instead (for a module's ``__getattr__``)."""
+    warnings.warn(f"{module}.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
+    return value

@@ -27,14 +27,13 @@ Design (why it is fast and memory-flat):
 
 from __future__ import annotations
 
-import warnings
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import autocast_dtype
+from ._checks import autocast_dtype, deprecated_alias
 from .memory import GradientBuffers
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
@@ -393,13 +392,10 @@ def __getattr__(name: str) -> object:
     """Deprecated aliases: ``Routes`` (now :class:`SortedPairs`) and the capacity names that
     moved to :mod:`sparsemoe.capacity`."""
     if name == "Routes":
-        warnings.warn("sparsemoe.dispatch.Routes is deprecated: use sparsemoe.dispatch.SortedPairs",
-                      DeprecationWarning, stacklevel=2)
-        return SortedPairs
+        return deprecated_alias(__name__, name, "sparsemoe.dispatch.SortedPairs", SortedPairs)
     if name in _MOVED_TO_CAPACITY:
-        warnings.warn(f"sparsemoe.dispatch.{name} is deprecated: use sparsemoe.capacity.{name} "
-                      f"(or sparsemoe.Capacity)", DeprecationWarning, stacklevel=2)
         from . import capacity
 
-        return getattr(capacity, name)
+        return deprecated_alias(__name__, name, f"sparsemoe.capacity.{name}",
+                                getattr(capacity, name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

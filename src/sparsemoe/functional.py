@@ -12,14 +12,13 @@ Index letters: ``T`` tokens, ``d`` input width, ``n`` experts, ``k`` experts kep
 from __future__ import annotations
 
 import math
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_float_tensor, check_like, check_shape, check_top_k
+from ._checks import check_float_tensor, check_like, check_shape, check_top_k, deprecated_alias
 from .dispatch import gather_tokens, grouped_matmul, sort_by_expert, unsort
 
 CV_EPSILON = 1e-10
@@ -525,7 +524,6 @@ def __getattr__(name: str) -> object:
 
         module = {"base_layers": base_layers, "margin": margin,
                   "strictly_balanced": strictly_balanced}[_MOVED[name]]
-        warnings.warn(f"sparsemoe.functional.{name} is deprecated: use "
-                      f"{module.__name__}.{name}", DeprecationWarning, stacklevel=2)
-        return getattr(module, name)
+        return deprecated_alias(__name__, name, f"{module.__name__}.{name}",
+                                getattr(module, name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_int, check_number, deprecated_alias
 from ..data import DigitSplit, load_digit_set, num_offsets, offset_index, place_on_canvas
 from ..data.jitter import all_offsets, jitter
 from ..models.deep_moe import DeepMoE, DeepMoEConfig, matched_width, mlp
@@ -418,9 +418,5 @@ def expected_chance_mi(categories_a: int, categories_b: int, samples: int) -> fl
 def __getattr__(name: str) -> object:
     """``TrainConfig``: the deprecated name of :class:`DMoETrainConfig`."""
     if name == "TrainConfig":
-        import warnings
-
-        warnings.warn("sparsemoe.experiments.dmoe.TrainConfig is deprecated: use "
-                      "DMoETrainConfig", DeprecationWarning, stacklevel=2)
-        return DMoETrainConfig
+        return deprecated_alias(__name__, name, "DMoETrainConfig", DMoETrainConfig)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

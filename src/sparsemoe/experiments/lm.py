@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_choice, check_int, check_number
+from .._checks import check_choice, check_int, check_number, deprecated_alias
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..models.lstm_lm import (
     PRESETS,
@@ -431,9 +431,5 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, corpus: tuple[str, ...] | No
 def __getattr__(name: str) -> object:
     """``TrainConfig``: the deprecated name of :class:`LMTrainConfig`."""
     if name == "TrainConfig":
-        import warnings
-
-        warnings.warn("sparsemoe.experiments.lm.TrainConfig is deprecated: use LMTrainConfig",
-                      DeprecationWarning, stacklevel=2)
-        return LMTrainConfig
+        return deprecated_alias(__name__, name, "LMTrainConfig", LMTrainConfig)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

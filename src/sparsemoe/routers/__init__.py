@@ -4,6 +4,7 @@ One module per family; see ``docs/routers.md`` for the table of methods, papers,
 defaults and tested invariants.
 """
 
+from .._checks import deprecated_alias
 from .base import GateHiddenLayer, LinearRouter, Router, Routing
 from .base_layers import BASERouter
 from .dense import ArgmaxRouter, SoftmaxRouter
@@ -45,9 +46,6 @@ __all__ = [
 def __getattr__(name: str) -> object:
     """``SoftRouting``: the deprecated name of :class:`SoftMoEWeights`."""
     if name == "SoftRouting":
-        import warnings
-
-        warnings.warn("sparsemoe.routers.SoftRouting is deprecated: use "
-                      "sparsemoe.routers.SoftMoEWeights", DeprecationWarning, stacklevel=2)
-        return SoftMoEWeights
+        return deprecated_alias(__name__, name, "sparsemoe.routers.SoftMoEWeights",
+                                SoftMoEWeights)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
