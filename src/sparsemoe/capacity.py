@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._checks import check_int, check_number
+from ._checks import check_choice, check_int, check_number
 
 DROP_POLICIES = ("position", "priority")
 """How :func:`capacity_mask` orders the pairs competing for an expert's capacity."""
@@ -66,10 +66,8 @@ class Capacity:
         if self.tokens is not None:
             check_int("tokens", self.tokens, minimum=0)
         check_int("minimum", self.minimum, minimum=0)
-        if self.policy not in DROP_POLICIES:
-            raise ValueError(f"policy must be one of {DROP_POLICIES}, got {self.policy!r}")
-        if self.group not in CAPACITY_GROUPS:
-            raise ValueError(f"group must be one of {CAPACITY_GROUPS}, got {self.group!r}")
+        check_choice("policy", self.policy, DROP_POLICIES)
+        check_choice("group", self.group, CAPACITY_GROUPS)
 
     def per_expert(self, group_tokens: int, k: int, num_experts: int) -> int:
         """The capacity of one expert in a group of ``group_tokens`` tokens with ``k`` choices."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_expert_bank, check_number
+from ._checks import check_bool, check_expert_bank, check_number
 from .capacity import Capacity
 from .dispatch import dispatch_combine
 from .layers import MoELayer
@@ -99,6 +99,7 @@ class SharedExpertMoE(MoELayer):
                          capacity=capacity, expert_output_masking=expert_output_masking)
         _check_bank("shared_experts", shared_experts, self.d_model)
         self.shared_experts = shared_experts
+        check_bool("shared_gate", shared_gate)
         self.w_shared_gate = nn.Parameter(torch.zeros(self.d_model, 1)) if shared_gate else None
 
     def add_dense_paths(self, tokens: Tensor, y: Tensor) -> Tensor:

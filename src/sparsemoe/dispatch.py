@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import autocast_dtype, deprecated_alias
+from ._checks import autocast_dtype, check_choice, deprecated_alias
 from .memory import GradientBuffers
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
@@ -215,8 +215,7 @@ def grouped_matmul(
         x, w = x.to(dt), w.to(dt)
     if impl == "auto":
         impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
-    if impl not in GROUPED_MM_IMPLS:
-        raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+    check_choice("impl", impl, GROUPED_MM_IMPLS)
     if (grad_buffers is not None and dt is None and w.requires_grad and torch.is_grad_enabled()
             and w.device.type == "cpu" and not torch.compiler.is_compiling()):
         return _GroupedMatmulReusingGrad.apply(x, w, tokens_per_expert, impl, grad_buffers)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_bool, check_int
+from ._checks import check_bool, check_choice, check_int
 from .dispatch import GROUPED_MM_IMPLS, SortedPairs, grouped_matmul
 from .memory import GradientBuffers
 
@@ -118,10 +118,8 @@ class FeedForwardExperts(nn.Module):
         self.hidden = check_int("hidden", hidden)
         self.recompute = check_bool("recompute", recompute)
         self.grad_buffers = _grad_buffers(reuse_grad_memory, "w1", "w2")
-        if activation not in EXPERT_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
-        if impl not in GROUPED_MM_IMPLS:
-            raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+        check_choice("activation", activation, EXPERT_ACTIVATIONS)
+        check_choice("impl", impl, GROUPED_MM_IMPLS)
         self.activation = activation
         self.impl = impl
         width = 2 * hidden if activation in _GATED_ACTIVATIONS else hidden
@@ -206,8 +204,7 @@ class LinearExperts(nn.Module):
         if activation is not None and activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)} or None, "
                              f"got {activation!r}")
-        if impl not in GROUPED_MM_IMPLS:
-            raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+        check_choice("impl", impl, GROUPED_MM_IMPLS)
         self.activation = activation
         self.impl = impl
         self.w = nn.Parameter(torch.empty(num_experts, d_in, d_out))
