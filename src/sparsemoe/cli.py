@@ -17,9 +17,12 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .data import FetchError
 from .experiments import lm
 from .experiments.processes import ExpertParallelRanks, OneProcess
 from .models.lstm_lm import MIDDLES, PRESET_SETS, PRESETS, LMConfig
@@ -63,6 +66,16 @@ def _add_config_arguments(
         parser.add_argument(flags.get(f.name, _flag(f.name)), **options)
 
 
+@contextmanager
+def _data_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A data source that is missing or cannot be fetched (the library's message names the
+    argument: corpus, mnist_dir, the checkpoint) is a usage error."""
+    try:
+        yield
+    except (FileNotFoundError, FetchError) as e:
+        parser.error(str(e))
+
+
 def _config_from(parser: argparse.ArgumentParser, config: type, args: argparse.Namespace,
                  **values: Any) -> Any:
     """``config`` from the flags that were given (and ``values``); a ValueError or TypeError
@@ -97,7 +110,8 @@ def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     cfg = _lm_train_config(parser, args, preset=args.preset)
     processes = ExpertParallelRanks.start() if args.expert_parallel else OneProcess()
     try:
-        metrics = lm.Trainer(cfg, processes=processes).run()
+        with _data_errors(parser):
+            metrics = lm.Trainer(cfg, processes=processes).run()
     finally:
         processes.close()
     keys = ("valid_perplexity", "test_perplexity", "tokens_per_second", "params_total",
@@ -107,10 +121,8 @@ def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 
 
 def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
-    try:
+    with _data_errors(parser):
         metrics = lm.evaluate_checkpoint(args.checkpoint, args.corpus and tuple(args.corpus))
-    except FileNotFoundError as e:
-        parser.error(f"--checkpoint: {e}")
     print(json.dumps(metrics, indent=1))
 
 
@@ -121,16 +133,15 @@ def _lm_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     base = _lm_train_config(parser, args, preset=None)
     for name in names:  # the presets are checked by the configuration, as --preset
         _config_from(parser, lm.LMTrainConfig, args, **{**vars(base), "preset": name})
-    lm_report.compare(list(names), base, args.out, time_budget=args.time_budget)
+    with _data_errors(parser):
+        lm_report.compare(list(names), base, args.out, time_budget=args.time_budget)
 
 
 def _lm_experts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .experiments import lm_report
 
-    try:
+    with _data_errors(parser):
         report = lm_report.expert_contexts(args.checkpoint, experts=args.experts, top=args.top)
-    except FileNotFoundError as e:
-        parser.error(f"--checkpoint: {e}")
     print(report)
 
 
@@ -183,7 +194,9 @@ def _dmoe_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
     cfg = _config_from(parser, dmoe.DMoETrainConfig, args)
     models = [m.strip() for m in args.models.split(",")]
-    for r in dmoe.train(models, cfg, args.out):
+    with _data_errors(parser):
+        results = dmoe.train(models, cfg, args.out)
+    for r in results:
         print(f"{r['model']}: test error {100 * r['test_error']:.2f}% "
               f"({r['parameters']:,} parameters, {r['train_seconds']:.0f} s)")
 

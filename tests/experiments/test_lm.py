@@ -198,3 +198,16 @@ def test_train_config_is_a_deprecated_name():
         assert lm.TrainConfig is LMTrainConfig
     with pytest.warns(DeprecationWarning, match="use DMoETrainConfig"):
         assert dmoe.TrainConfig is dmoe.DMoETrainConfig
+
+
+def test_cli_reports_a_missing_corpus_or_checkpoint_as_a_usage_error(tmp_path, capsys):
+    missing = str(tmp_path / "missing.txt")
+    for argv, message in [
+        (["lm", "train", "--preset", "MoE-4", "--corpus", missing, "--out", str(tmp_path)],
+         f"corpus: {missing} is not a file"),
+        (["lm", "eval", "--checkpoint", str(tmp_path)], "checkpoint: no checkpoint.pt in"),
+    ]:
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"usage: sparsemoe lm {argv[1]}" in err and message in err

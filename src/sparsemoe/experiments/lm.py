@@ -408,7 +408,7 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[LSTMLanguageModel, dict]:
     """The model saved in a run directory, and the checkpoint dictionary."""
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"no {CHECKPOINT} in {checkpoint_dir}")
+        raise FileNotFoundError(f"checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
     ck = torch.load(path, weights_only=False)
     model = LSTMLanguageModel(LMConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
