@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import fields
 from pathlib import Path
 
 from .experiments import lm
 from .experiments.processes import ExpertParallelRanks, OneProcess
+from .experiments.runs import Interrupted
 from .models.lstm_lm import PRESET_SETS, PRESETS, LMConfig
 
 
@@ -153,6 +155,8 @@ def _dmoe_parsers(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     lm_parser = sub.add_parser("lm", help="the paper's language-model experiment")
     lm_sub = lm_parser.add_subparsers(dest="lm_command", required=True)
@@ -209,9 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What a wrong argument, file or environment raises in sparsemoe (RunError and FetchError
+are RuntimeErrors); ``main`` reports them in one line, or with the traceback under --debug."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; a user error exits with status 1 and one line on stderr (130/143 after
+    SIGINT/SIGTERM, once the run is saved), without a traceback unless ``--debug``."""
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except (*USER_ERRORS, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        if isinstance(e, Interrupted):
+            status = 128 + e.signum
+        elif isinstance(e, KeyboardInterrupt):
+            e, status = "interrupted (SIGINT)", 128 + signal.SIGINT
+        else:
+            status = 1
+        print(f"sparsemoe: error: {e}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -7,7 +7,11 @@ back-propagation through contiguous streams. Gradient-norm clipping is added (th
 not say; it protects the short CPU runs from early LSTM spikes).
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, scheduler, RNG state, data position
-and recurrent state: resuming continues exactly, loss for loss) and ``metrics.json``.
+and recurrent state: resuming continues exactly, loss for loss) and ``metrics.json``, written
+through :mod:`sparsemoe.experiments.runs` (atomic, verified, locked; SIGINT/SIGTERM save and
+stop, a non-finite loss stops without saving). A run resumes when its configuration is the same
+apart from paths (the run directory; corpus files are compared by their resolved location) and
+the length of training (``steps``, ``time_budget``); a finished run reports without retraining.
 
 With expert parallelism (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`, under
 ``torchrun``) the MoE layers' experts are spread over the ranks and each rank trains on its
@@ -17,9 +21,11 @@ resumed on another number of ranks or on one process, and back. Only rank 0 writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._checks import check_int, check_number
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..layers import MoELayer, aux_loss
 from ..models.lstm_lm import (
@@ -47,11 +54,15 @@ from ..parallel import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from . import runs
 from .processes import ONE_PROCESS, OneProcess
 
 CHECKPOINT = "checkpoint.pt"
 OPTIMIZERS = ("adam", "factored-adam")
 METRICS = "metrics.json"
+CALIBRATION = "calibration.json"
+CHECKPOINT_KEYS = ("config", "model_config", "vocab", "model", "optimizer", "scheduler", "data",
+                   "rng", "recurrent_state", "step", "train_seconds", "history")
 
 
 @dataclass
@@ -76,6 +87,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps is None and self.time_budget is None:
             raise ValueError("give steps or time_budget (or both), got neither")
+        for name in ("batch_size", "bptt", "warmup", "eval_every"):
+            check_int(name, getattr(self, name))
+        for name in ("vocab_size", "steps", "eval_tokens"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
+        check_int("seed", self.seed, minimum=0)
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
+        check_number("clip", self.clip, low=0, high=math.inf, low_open=True)
+        if self.time_budget is not None:
+            check_number("time_budget", self.time_budget, low=0, high=math.inf, low_open=True,
+                         high_open=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -141,7 +163,7 @@ def evaluate(
     nll, count = processes.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
     load = [processes.sum(t).cpu() if isinstance(t, Tensor) else t for t in load]
     mean = nll / max(count, 1)
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count),
+    return {"nll": mean, "perplexity": runs.perplexity(mean), "tokens": int(count),
             "tokens_per_expert": [t.tolist() for t in load if isinstance(t, Tensor)]}
 
 
@@ -164,10 +186,23 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.0f}{unit}"
 
 
-def _save(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _corpus_key(source: str) -> str:
+    """A corpus source independent of how its path was written: files and folders by their
+    resolved location (``1b-word=ROOT`` by ROOT's), names as they are."""
+    name, sep, root = source.partition("=")
+    if sep and name == "1b-word":
+        return f"1b-word={Path(root).resolve()}"
+    return str(Path(source).resolve()) if os.path.exists(source) else source
+
+
+def resume_key(cfg: TrainConfig | dict) -> dict:
+    """The configuration fields a checkpoint must share with a run that resumes it: all but
+    the run directory and the length of training, with corpus paths normalised."""
+    d = dict(asdict(cfg) if isinstance(cfg, TrainConfig) else cfg)
+    for name in ("out", "steps", "time_budget"):
+        d.pop(name, None)
+    d["corpus"] = tuple(_corpus_key(c) for c in d.get("corpus", ()))
+    return d
 
 
 class Trainer:
@@ -191,13 +226,14 @@ class Trainer:
         self.root = processes.rank == 0
         self.progress = progress and self.root
         ckpt_path = self.out / CHECKPOINT
-        self.ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+        self.ckpt = runs.load_checkpoint(ckpt_path, CHECKPOINT_KEYS) \
+            if ckpt_path.exists() else None
         if self.ckpt is not None:
-            saved = TrainConfig(**self.ckpt["config"])
-            same = replace(saved, steps=cfg.steps, time_budget=cfg.time_budget)
-            if same != cfg:
-                raise ValueError(f"{ckpt_path} was written by a different configuration "
-                                 f"({saved}); use another --out or the same settings")
+            changed = runs.config_differences(resume_key(self.ckpt["config"]), resume_key(cfg))
+            if changed:
+                raise runs.RunError(f"{ckpt_path} was written by a different configuration "
+                                    f"({'; '.join(changed)}); use another --out or the same "
+                                    f"settings")
             vocab = Vocabulary(self.ckpt["vocab"])
             corpus = corpus if corpus is not None and corpus.vocab.words == vocab.words else \
                 processes.root_first(lambda: load_corpus(cfg.corpus, vocab=vocab))
@@ -243,7 +279,15 @@ class Trainer:
             ck["history"]
 
     def save(self) -> None:
-        """Write the checkpoint in the single-process layout (every process must call it)."""
+        """Write the checkpoint in the single-process layout (every process must call it).
+
+        Raises:
+            RunError: a parameter is not finite; the last good checkpoint is kept.
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise runs.RunError(f"a parameter is not finite at step {self.step}: training "
+                                f"diverged and stopped; the last good checkpoint "
+                                f"{self.out / CHECKPOINT} is kept")
         state = None if self.state is None else tuple(
             tuple(self.processes.gather_streams(t, dim=1).cpu() for t in layer)
             for layer in self.state)
@@ -257,7 +301,7 @@ class Trainer:
         }
         if self.root:
             self.out.mkdir(parents=True, exist_ok=True)
-            _save(self.out / CHECKPOINT, ck)
+            runs.save_checkpoint(self.out / CHECKPOINT, ck)
 
     def _done(self) -> bool:
         c = self.cfg
@@ -306,6 +350,24 @@ class Trainer:
                 "compute_to_io": compute_to_io}
 
     def run(self) -> dict:
+        """Train to the end (resuming where the checkpoint stopped), evaluate and write
+        ``metrics.json``; a run already finished returns its metrics without training.
+
+        Raises:
+            RunError: another process writes ``cfg.out``; the loss became non-finite (nothing
+                is saved); :class:`~sparsemoe.experiments.runs.Interrupted` on SIGINT/SIGTERM,
+                after saving at the step boundary.
+        """
+        with runs.RunLock(self.out) if self.root else contextlib.nullcontext(), \
+                runs.StopSignals() as stop:
+            finished = self.out / METRICS
+            if self._done() and finished.exists():
+                metrics = json.loads(finished.read_text())
+                if metrics.get("steps") == self.step:
+                    return metrics
+            return self._train(stop)
+
+    def _train(self, stop: runs.StopSignals) -> dict:
         c = self.cfg
         self.model.train()
         tokens_per_step = c.batch_size * c.bptt
@@ -315,11 +377,12 @@ class Trainer:
         while not self._done():
             t0 = time.perf_counter()
             ce = self.train_step()
+            runs.check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.history["step"].append(self.step)
             self.history["train_loss"].append(ce)
-            post = {"loss": f"{ce:.3f}", "ppl": f"{math.exp(ce):.0f}",
+            post = {"loss": f"{ce:.3f}", "ppl": f"{runs.perplexity(ce):.0f}",
                     "tok/s": f"{self.step * tokens_per_step / self.train_seconds:,.0f}"}
             if moe:
                 post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
@@ -338,6 +401,12 @@ class Trainer:
                     bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
                               f"(first {v['tokens']:,} tokens)")
                 self.save()
+            signalled = self.processes.sum(torch.tensor(float(stop.signum is not None)))
+            if float(signalled) > 0:  # any process's signal stops all of them, after a save
+                bar.close()
+                self.save()
+                raise runs.interrupted(stop.signum or signal.SIGTERM, self.step,
+                                       self.out / CHECKPOINT)
         bar.close()
         self.save()
         return self.finish()
@@ -369,7 +438,7 @@ class Trainer:
         }
         if self.root:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / METRICS).write_text(json.dumps(metrics, indent=1))
+            runs.write_json(self.out / METRICS, metrics)
         return metrics
 
 
@@ -378,7 +447,7 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[LSTMLanguageModel, dict]:
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
-    ck = torch.load(path, weights_only=False)
+    ck = runs.load_checkpoint(path, CHECKPOINT_KEYS)
     model = LSTMLanguageModel(LMConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.eval(), ck
@@ -472,29 +541,47 @@ def compare(
     Table-7-style comparison (``results.md``, ``results.csv``), plots and an expert report.
 
     With ``time_budget`` (seconds for everything), the common step count is chosen from a short
-    timing of each preset; otherwise ``base.steps`` is used.
+    timing of each preset, once: it is kept in ``out/calibration.json``, so that a restarted
+    comparison continues each preset's run where it stopped (and one that finished only
+    reports); otherwise ``base.steps`` is used.
     """
     unknown = [p for p in presets if p not in PRESETS]
     if unknown:
         raise ValueError(f"unknown presets {unknown}; choose from {tuple(PRESETS)} or the sets "
                          f"{tuple(PRESET_SETS)}")
     out = Path(out)
-    corpus = load_corpus(base.corpus, base.vocab_size)
-    print(corpus.describe(), flush=True)
-    cfgs = [replace(base, preset=p, out=str(out / p)) for p in presets]
-    steps = base.steps
-    if time_budget is not None:
-        steps = _steps_for_budget(cfgs, corpus, time_budget)
-        print(f"time budget {time_budget:.0f} s → {steps} steps "
-              f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
-    warmup = min(base.warmup, max(1, steps // 5))
-    every = max(1, steps // 6)
-    results = []
-    for cfg in cfgs:
-        cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
-        results.append(Trainer(cfg, corpus, progress=progress).run())
-    write_report(results, out)
+    with runs.RunLock(out):
+        corpus = load_corpus(base.corpus, base.vocab_size)
+        print(corpus.describe(), flush=True)
+        cfgs = [replace(base, preset=p, out=str(out / p)) for p in presets]
+        steps = base.steps
+        if time_budget is not None:
+            steps = _calibrated_steps(cfgs, corpus, time_budget, out / CALIBRATION)
+            print(f"time budget {time_budget:.0f} s → {steps} steps "
+                  f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
+        warmup = min(base.warmup, max(1, steps // 5))
+        every = max(1, steps // 6)
+        results = []
+        for cfg in cfgs:
+            cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
+            results.append(Trainer(cfg, corpus, progress=progress).run())
+        write_report(results, out)
     return results
+
+
+def _calibrated_steps(cfgs: list[TrainConfig], corpus: Corpus, budget: float,
+                      path: Path) -> int:
+    """:func:`_steps_for_budget`, measured on the first call and read from ``path`` after."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("time_budget") != budget:
+            raise runs.RunError(f"{path.parent} was calibrated for time_budget "
+                                f"{saved.get('time_budget')} s, now {budget} s; use the same "
+                                f"--time-budget or another --out")
+        return int(saved["steps"])
+    steps = _steps_for_budget(cfgs, corpus, budget)
+    runs.write_json(path, {"time_budget": budget, "steps": steps})
+    return steps
 
 
 def format_table(results: list[dict]) -> str:
@@ -517,22 +604,22 @@ def write_report(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     tokens = results[0]["tokens_trained"] if results else 0
-    (out / "results.md").write_text(
-        f"# Language-model comparison ({results[0]['corpus'] if results else ''}, "
-        f"{tokens:,} training tokens per model)\n\n{table}\n")
+    corpus = results[0]["corpus"] if results else ""
+    runs.write_text(out / "results.md", f"# Language-model comparison ({corpus}, {tokens:,} "
+                                        f"training tokens per model)\n\n{table}\n")
     keys = ["preset", "test_perplexity", "valid_perplexity", "multiply_adds_per_token",
             "params_body", "params_active_per_token", "params_total", "tokens_per_second",
             "num_experts", "steps", "tokens_trained"]
     lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in results]
-    (out / "results.csv").write_text("\n".join(lines) + "\n")
+    runs.write_text(out / "results.csv", "\n".join(lines) + "\n")
     print(table, flush=True)
     _plots(results, out)
     moe = [r for r in results if r["model_config"]["middle"] == "moe" and r["num_experts"] > 1]
     if moe:
         best = max(moe, key=lambda r: r["num_experts"])
         report = expert_contexts(out / best["preset"])
-        (out / "experts.md").write_text(f"# What the experts of {best['preset']} learned\n\n"
-                                        f"{report}\n")
+        runs.write_text(out / "experts.md", f"# What the experts of {best['preset']} learned"
+                                            f"\n\n{report}\n")
 
 
 def _plots(results: list[dict], out: Path) -> None:
@@ -560,7 +647,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_title("Equal multiply-adds per token")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_experts.png", dpi=120)
+    runs.save_figure(fig, out / "perplexity_vs_experts.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -573,7 +660,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "validation_curves.png", dpi=120)
+    runs.save_figure(fig, out / "validation_curves.png", dpi=120)
     plt.close(fig)
 
     moe = [r for r in results if r["valid_tokens_per_expert"] and r["num_experts"] > 1]
@@ -587,5 +674,5 @@ def _plots(results: list[dict], out: Path) -> None:
             ax.set_xlabel("expert")
         axes[0][0].set_ylabel("load / mean load (validation)")
         fig.tight_layout()
-        fig.savefig(out / "expert_load.png", dpi=120)
+        runs.save_figure(fig, out / "expert_load.png", dpi=120)
         plt.close(fig)
