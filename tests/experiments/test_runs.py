@@ -25,6 +25,9 @@ def test_atomic_write_replaces_whole_files(tmp_path):
     assert path.read_text() == '{\n "a": [\n  1,\n  2\n ]\n}'
     runs.write_text(tmp_path / "r.md", "héllo\n")
     assert (tmp_path / "r.md").read_text(encoding="utf-8") == "héllo\n"
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # as open() makes it, not 0600
     assert _leftovers(tmp_path) == []
 
 

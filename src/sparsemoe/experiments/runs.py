@@ -68,6 +68,7 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 → what open() would have made
         with os.fdopen(fd, "wb") as f:
             if callable(data):
                 data(f)
@@ -88,6 +89,12 @@ def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], None
     finally:
         os.close(dir_fd)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:
