@@ -11,7 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .experiments import lm
-from .experiments.processes import ExpertParallelRanks, OneProcess
+from .experiments.processes import DEFAULT_TIMEOUT, ExpertParallelRanks, OneProcess
 from .experiments.runs import Interrupted
 from .models.lstm_lm import PRESET_SETS, PRESETS, LMConfig
 
@@ -63,7 +63,8 @@ def _lm_train(args: argparse.Namespace) -> None:
     if args.preset is None and "num_experts" not in model and "middle" not in model:
         raise SystemExit("lm train: give --preset NAME or a model (--experts N --k K ...)")
     cfg = _train_config(args, preset=args.preset, model=model)
-    processes = ExpertParallelRanks.start() if args.expert_parallel else OneProcess()
+    processes = ExpertParallelRanks.start(args.rank_timeout) if args.expert_parallel \
+        else OneProcess()
     try:
         metrics = lm.Trainer(cfg, processes=processes).run()
     finally:
@@ -175,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
                             "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
                             "--expert-parallel")
+    train.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="with --expert-parallel: how long a rank waits for the others "
+                            "before the job fails (a stopped or frozen rank); default "
+                            f"{DEFAULT_TIMEOUT:.0f}")
     _training_args(train)
     train.set_defaults(func=_lm_train)
 

@@ -10,6 +10,7 @@ through the same expert banks. Layers with a dense path beside the routed expert
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import autocast_dtype, check_float_tensor, check_like, check_number
+from ._copy import deepcopy_without_graph
 from .dispatch import Capacity, capacity_mask, dispatch_combine, equal_routes
 from .experts import FeedForwardExperts, ModuleListExperts, resolve_activation
 from .parallel import ExpertParallel, ProcessGroup, local_share, rank_seeded
@@ -51,9 +53,12 @@ class MoEStats:
 
     @staticmethod
     def _cv(v: Tensor) -> float:
+        """std / mean; 0.0 for an all-zero ``v``, NaN when ``v`` holds NaN."""
         v = v.double()
         mean = v.mean()
-        return float(v.std(correction=0) / mean) if mean > 0 else 0.0
+        if mean > 0:
+            return float(v.std(correction=0) / mean)
+        return 0.0 if mean == 0 else math.nan
 
     @property
     def cv_importance(self) -> float:
@@ -139,6 +144,10 @@ class MoELayer(nn.Module):
                 f"router has {router.num_experts} experts but experts has "
                 f"{experts.num_experts}; they must match"
             )
+        width = getattr(experts, "d_model", getattr(experts, "d_in", router.d_model))
+        if width != router.d_model:
+            raise ValueError(f"router has d_model {router.d_model} but experts take inputs of "
+                             f"width {width}; they must match")
         if capacity is not None and not isinstance(capacity, Capacity):
             raise TypeError(f"capacity must be a sparsemoe.dispatch.Capacity or None, got "
                             f"{type(capacity).__name__}")
@@ -153,6 +162,8 @@ class MoELayer(nn.Module):
         self.expert_output_masking = expert_output_masking
         self.aux_loss: Tensor | None = None
         self._last: MoEStats | None = None
+
+    __deepcopy__ = deepcopy_without_graph  # aux_loss is in the last forward's graph
 
     def _check_input(self, x: Tensor) -> None:
         check_float_tensor("x", x)

@@ -45,3 +45,25 @@ def test_fetch_failure_is_explained(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "dist" / "nosuch-9.9-wheel").exists()
     with pytest.raises(ValueError, match="kind must be one of"):
         fetch_distribution("x", "1", kind="egg")
+
+
+def test_a_damaged_cached_download_is_named_and_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEMOE_CACHE", str(tmp_path / "cache"))
+    index = tmp_path / "index"
+    index.mkdir()
+    original = make_wheel(index).read_bytes()
+    path = fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index)
+    manifest = path.parent / "SHA256SUMS"
+    assert manifest.read_text().split()[1:] == [str(len(original)), path.name]
+    for damage, message in (
+            (lambda: path.write_bytes(original[:100]),
+             f"{path} has 100 bytes, {len(original)} were downloaded"),
+            (lambda: path.write_bytes(original[:50] + b"X" + original[51:]),
+             f"{path} does not match the SHA-256 recorded"),
+            (lambda: path.unlink(), f"{path} is missing"),
+            (lambda: manifest.unlink(), f"in {path.parent} has no SHA256SUMS record")):
+        damage()
+        with pytest.warns(RuntimeWarning, match=f"the cached download {message}"):
+            again = fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index)
+        assert again == path and again.read_bytes() == original
+    fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index)  # intact: no warning

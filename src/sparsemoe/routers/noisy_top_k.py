@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from .. import functional as MF
-from .._checks import check_int, check_top_k
+from .._checks import check_int, check_number, check_top_k
 from .base import Router, Routing, full_precision, gate_hidden_layer
 
 
@@ -20,9 +22,10 @@ class _BalancedRouter(Router):
         super().__init__()
         self.d_model = check_int("d_model", d_model)
         self.num_experts = num_experts
-        self.noise_epsilon = noise_epsilon
-        self.w_importance = w_importance
-        self.w_load = w_load
+        finite = {"low": 0, "high": math.inf, "high_open": True}
+        self.noise_epsilon = check_number("noise_epsilon", noise_epsilon, **finite)
+        self.w_importance = check_number("w_importance", w_importance, **finite)
+        self.w_load = check_number("w_load", w_load, **finite)
 
     def _routing(
         self, expert_indices: Tensor, combine_weights: Tensor, importance: Tensor, load: Tensor
