@@ -182,6 +182,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus_file, t
                                        rf"diverged and stopped; the last good checkpoint "
                                        rf"{tmp_path / lm.CHECKPOINT} is kept"):
         trainer.run()
+    with pytest.raises(RunError, match=r"a parameter is not finite at step 4: training "
+                                       r"diverged and stopped; the last good checkpoint"):
+        trainer.save()  # nor is a checkpoint written from non-finite weights
     assert (tmp_path / lm.CHECKPOINT).read_bytes() == good
     assert not (tmp_path / lm.METRICS).exists() or "NaN" not in (tmp_path / lm.METRICS).read_text()
 

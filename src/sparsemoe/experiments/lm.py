@@ -284,7 +284,8 @@ class Trainer:
         Raises:
             RunError: a parameter is not finite; the last good checkpoint is kept.
         """
-        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if float(self.processes.sum(torch.tensor(float(not finite)))) > 0:  # any rank's experts
             raise runs.RunError(f"a parameter is not finite at step {self.step}: training "
                                 f"diverged and stopped; the last good checkpoint "
                                 f"{self.out / CHECKPOINT} is kept")
