@@ -62,7 +62,8 @@ class Capacity:
             raise ValueError("Capacity needs exactly one of factor= or tokens=, got "
                              f"factor={self.factor!r}, tokens={self.tokens!r}")
         if self.factor is not None:
-            check_number("factor", self.factor, low=0, low_open=True)
+            check_number("factor", self.factor, low=0, high=math.inf, low_open=True,
+                         high_open=True)
         if self.tokens is not None:
             check_int("tokens", self.tokens, minimum=0)
         check_int("minimum", self.minimum, minimum=0)

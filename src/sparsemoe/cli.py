@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import types
 import typing
@@ -24,7 +25,8 @@ from typing import Any
 
 from .data import FetchError
 from .experiments import lm
-from .experiments.processes import ExpertParallelRanks, OneProcess
+from .experiments.processes import DEFAULT_TIMEOUT, ExpertParallelRanks, OneProcess
+from .experiments.runs import Interrupted
 from .models.lstm_lm import MIDDLES, PRESET_SETS, PRESETS, LMConfig
 
 
@@ -108,7 +110,8 @@ def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.preset is None and args.num_experts is None and args.middle is None:
         parser.error("lm train: give --preset NAME or a model (--experts N --k K ...)")
     cfg = _lm_train_config(parser, args, preset=args.preset)
-    processes = ExpertParallelRanks.start() if args.expert_parallel else OneProcess()
+    processes = ExpertParallelRanks.start(args.rank_timeout) if args.expert_parallel \
+        else OneProcess()
     try:
         with _data_errors(parser):
             metrics = lm.Trainer(cfg, processes=processes).run()
@@ -164,6 +167,10 @@ def _add_lm(sub: Any) -> None:
                             "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
                             "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
                             "--expert-parallel")
+    train.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="with --expert-parallel: how long a rank waits for the others "
+                            "before the job fails (a stopped or frozen rank); default "
+                            f"{DEFAULT_TIMEOUT:.0f}")
     training_flags(train)
     train.set_defaults(func=_lm_train, command_parser=train)
 
@@ -251,16 +258,38 @@ def _add_classic(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
     for add_family in (_add_lm, _add_dmoe, _add_classic):
         add_family(sub)
     return parser
 
 
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What a wrong argument, file or environment raises in sparsemoe (RunError and FetchError
+are RuntimeErrors); ``main`` reports them in one line, or with the traceback under --debug."""
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run a command. A usage error exits with status 2 (argparse); a user error found while
+    running exits with status 1 and one line on stderr (130/143 after SIGINT/SIGTERM, once
+    the run is saved), without a traceback unless ``--debug``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.func(args, args.command_parser)
+    try:
+        args.func(args, args.command_parser)
+    except (*USER_ERRORS, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        if isinstance(e, Interrupted):
+            status = 128 + e.signum
+        elif isinstance(e, KeyboardInterrupt):
+            e, status = "interrupted (SIGINT)", 128 + signal.SIGINT
+        else:
+            status = 1
+        print(f"sparsemoe: error: {e}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -9,20 +9,24 @@ they import no layer class.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ._checks import autocast_dtype, check_expert_bank, check_float_tensor, check_like
+from ._copy import deepcopy_without_graph
 
 
 def coefficient_of_variation(v: Tensor) -> float:
-    """CV = population std / mean of ``v`` in float64 (0.0 when the mean is not positive):
-    the CV(Importance) and CV(Load) of Table 6 of Shazeer et al. (2017)."""
+    """CV = population std / mean of ``v`` in float64 (0.0 for an all-zero ``v``, NaN when
+    ``v`` holds NaN): the CV(Importance) and CV(Load) of Table 6 of Shazeer et al. (2017)."""
     v = v.double()
     mean = v.mean()
-    return float(v.std(correction=0) / mean) if mean > 0 else 0.0
+    if mean > 0:
+        return float(v.std(correction=0) / mean)
+    return 0.0 if mean == 0 else math.nan
 
 
 def max_over_mean(v: Tensor) -> float:
@@ -107,12 +111,18 @@ class MoEModule(nn.Module):
                 f"router has {router.num_experts} experts but experts has "
                 f"{experts.num_experts}; they must match"
             )
+        width = getattr(experts, "d_model", getattr(experts, "d_in", router.d_model))
+        if width != router.d_model:
+            raise ValueError(f"router has d_model {router.d_model} but experts take inputs of "
+                             f"width {width}; they must match")
         self.router = router
         self.experts = experts
         self.d_model: int = router.d_model
         self.num_experts: int = router.num_experts
         self.aux_loss: Tensor | None = None
         self._last: MoEStats | None = None
+
+    __deepcopy__ = deepcopy_without_graph  # aux_loss is in the last forward's graph
 
     def _check_input(self, x: Tensor) -> None:
         """``x [..., d_model]``, floating point, on the layer's device and (outside autocast)

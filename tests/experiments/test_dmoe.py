@@ -93,10 +93,16 @@ def test_cli_train_and_report_on_8x8_digits(tmp_path, capsys):
     assert (tmp_path / "runs" / "results.md").read_text().strip() == table.strip()
 
 
-def test_bad_experiment_arguments(tmp_path):
+def test_bad_experiment_arguments(tmp_path, capsys):
     from sparsemoe.experiments.dmoe import train
 
     with pytest.raises(ValueError, match=r"models must be among .* got \['moe'\]"):
         train(["moe"], DMoETrainConfig(data="digits8"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="run `sparsemoe dmoe train` first"):
+    with pytest.raises(SystemExit) as exited:  # one line on stderr, no traceback
         main(["dmoe", "report", "--runs", str(tmp_path)])
+    assert exited.value.code == 1
+    assert "run `sparsemoe dmoe train` first" in capsys.readouterr().err
+    for field, value in (("epochs", 0), ("finetune_epochs", -1), ("width", 0), ("lr", 0.0),
+                         ("batch_size", 0), ("margin", -1.0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            DMoETrainConfig(**{field: value})

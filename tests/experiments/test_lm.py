@@ -20,6 +20,7 @@ from sparsemoe.experiments.lm import (
     evaluate_checkpoint,
     lr_factor,
 )
+from sparsemoe.experiments.runs import RunError
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,8 @@ def test_resume_is_exact(corpus_file, tmp_path, optimizer):
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="written by a different configuration"):
+    with pytest.raises(RunError, match=r"written by a different configuration "
+                                       r"\(lr: saved 0.002, now 1.0\)"):
         Trainer(replace(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), lr=1.0),
                 progress=False)
 
@@ -181,7 +183,7 @@ def test_cli_flags_are_the_config_fields_and_its_errors_usage_errors(capsys, tmp
     assert "parallel streams (default: 32)" in text  # the field's help and default
     for flags, message in [(["--preset", "MoE-7"], "preset must be one of"),
                            (["--preset", "MoE-4", "--lr", "-1"],
-                            "lr must be a number > 0, got -1.0"),
+                            "lr must be a number in (0, inf), got -1.0"),
                            (["--presets", "MoE-4,MoE-7"], "preset must be one of")]:
         command = "compare" if flags[0] == "--presets" else "train"
         with pytest.raises(SystemExit, match="2"):

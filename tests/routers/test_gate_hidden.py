@@ -106,7 +106,7 @@ def test_router_flags_are_checked(make, message):
 def test_noisy_router_weights_are_checked(name):
     from sparsemoe.routers import HierarchicalNoisyTopKRouter
 
-    with pytest.raises(ValueError, match=f"{name} must be a number >= 0, got -1"):
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, inf\), got -1"):
         NoisyTopKRouter(4, 2, 1, **{name: -1})
-    with pytest.raises(ValueError, match=f"{name} must be a number >= 0, got -1"):
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, inf\), got -1"):
         HierarchicalNoisyTopKRouter(4, 2, 2, 1, 1, **{name: -1})

@@ -170,6 +170,9 @@ def load_text_files(
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"corpus: {path} is not a file")
+        with open(path, "rb") as fh:
+            if b"\0" in fh.read(1 << 16):
+                raise ValueError(f"corpus: {path} is not plain text (it holds NUL bytes)")
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         a, b = int(len(lines) * 0.90), int(len(lines) * 0.95)
         for split, part in (("train", lines[:a]), ("valid", lines[a:b]), ("test", lines[b:])):

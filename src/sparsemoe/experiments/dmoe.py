@@ -38,6 +38,7 @@ from ..data import DigitSplit, load_digit_set, num_offsets, offset_index, place_
 from ..data.jitter import all_offsets, jitter
 from ..models.deep_moe import DeepMoE, DeepMoEConfig, matched_width, mlp
 from ..module import aux_loss
+from .runs import save_figure, write_json, write_text
 
 MAX_OFFSET = 4  # ±4 pixels: 81 positions (the paper's jittered MNIST)
 METRICS = "metrics.json"
@@ -79,13 +80,12 @@ class DMoETrainConfig:
 
     def __post_init__(self) -> None:
         check_choice("data", self.data, DATA_SETS)
-        for name in ("width", "num_experts", "gate_hidden", "batch_size", "threads"):
+        for name in ("width", "num_experts", "gate_hidden", "epochs", "batch_size", "threads"):
             check_int(name, getattr(self, name))
-        check_int("epochs", self.epochs, minimum=0)
         check_int("finetune_epochs", self.finetune_epochs, minimum=0)
         check_int("seed", self.seed, minimum=0)
-        check_number("margin", self.margin, low=0)
-        check_number("lr", self.lr, low=0, low_open=True)
+        check_number("margin", self.margin, low=0, high=math.inf, low_open=True)
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,7 @@ def train_model(name: str, cfg: DMoETrainConfig, data: JitteredDigits, out: Path
     if isinstance(model, DeepMoE):
         metrics["layers"] = gate_analysis(model, data)
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    write_json(out / METRICS, metrics)
     return metrics
 
 
@@ -391,7 +391,7 @@ def plot_gates(run: dict, path: Path) -> None:
     fig.colorbar(im, ax=axes[:, -1].tolist(), shrink=0.8, label="mean gate g_i(x)")
     fig.suptitle(f"{run['model']}: mean gate by offset (9×9 grids) and by class; "
                  f"test error {100 * run['test_error']:.2f}%", fontsize=10)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -400,7 +400,7 @@ def report(runs: str | Path, figures: str | Path | None = None) -> str:
     with ``figures``, a ``dmoe_gates_<model>.png`` per DMoE run there."""
     loaded = load_runs(runs)
     text = format_report(loaded)
-    (Path(runs) / "results.md").write_text(text + "\n")
+    write_text(Path(runs) / "results.md", text + "\n")
     if figures is not None:
         Path(figures).mkdir(parents=True, exist_ok=True)
         for r in loaded:

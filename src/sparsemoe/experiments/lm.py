@@ -8,7 +8,11 @@ back-propagation through contiguous streams. Gradient-norm clipping is added (th
 not say; it protects the short CPU runs from early LSTM spikes).
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, scheduler, RNG state, data position
-and recurrent state: resuming continues exactly, loss for loss) and ``metrics.json``.
+and recurrent state: resuming continues exactly, loss for loss) and ``metrics.json``, written
+through :mod:`sparsemoe.experiments.runs` (atomic, verified, locked; SIGINT/SIGTERM save and
+stop, a non-finite loss stops without saving). A run resumes when its configuration is the same
+apart from paths (the run directory; corpus files are compared by their resolved location) and
+the length of training (``steps``, ``time_budget``); a finished run reports without retraining.
 
 With expert parallelism (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`, under
 ``torchrun``) the MoE layers' experts are spread over the ranks and each rank trains on its
@@ -18,9 +22,11 @@ resumed on another number of ranks or on one process, and back. Only rank 0 writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import signal
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,11 +55,14 @@ from ..parallel import (
     load_full_optimizer_state_dict,
     load_full_state_dict,
 )
+from . import runs
 from .processes import ONE_PROCESS, OneProcess
 
 CHECKPOINT = "checkpoint.pt"
 OPTIMIZERS = ("adam", "factored-adam")
 METRICS = "metrics.json"
+CHECKPOINT_KEYS = ("config", "model_config", "vocab", "model", "optimizer", "scheduler", "data",
+                   "rng", "recurrent_state", "step", "train_seconds", "history")
 
 
 def _help(text: str, **cli) -> dict:
@@ -108,10 +117,11 @@ class LMTrainConfig:
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name))
         check_int("seed", self.seed, minimum=0)
-        check_number("lr", self.lr, low=0, low_open=True)
-        check_number("clip", self.clip, low=0, low_open=True)
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
+        check_number("clip", self.clip, low=0, high=math.inf, low_open=True)
         if self.time_budget is not None:
-            check_number("time_budget", self.time_budget, low=0, low_open=True)
+            check_number("time_budget", self.time_budget, low=0, high=math.inf, low_open=True,
+                         high_open=True)
         self.corpus = tuple(self.corpus)
 
     def model_config(self, vocab_size: int) -> LMConfig:
@@ -172,7 +182,7 @@ def evaluate(
     nll, count = processes.sum(torch.tensor([nll, count], dtype=torch.float64)).tolist()
     load = [processes.sum(t).cpu() if isinstance(t, Tensor) else t for t in load]
     mean = nll / max(count, 1)
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": int(count),
+    return {"nll": mean, "perplexity": runs.perplexity(mean), "tokens": int(count),
             "tokens_per_expert": [t.tolist() for t in load if isinstance(t, Tensor)]}
 
 
@@ -194,10 +204,23 @@ def _si(value: float, unit: str) -> str:
     return f"{value:.0f}{unit}"
 
 
-def _save(path: Path, obj: object) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def _corpus_key(source: str) -> str:
+    """A corpus source independent of how its path was written: files and folders by their
+    resolved location (``1b-word=ROOT`` by ROOT's), names as they are."""
+    name, sep, root = source.partition("=")
+    if sep and name == "1b-word":
+        return f"1b-word={Path(root).resolve()}"
+    return str(Path(source).resolve()) if os.path.exists(source) else source
+
+
+def resume_key(cfg: LMTrainConfig | dict) -> dict:
+    """The configuration fields a checkpoint must share with a run that resumes it: all but
+    the run directory and the length of training, with corpus paths normalised."""
+    d = dict(asdict(cfg) if isinstance(cfg, LMTrainConfig) else cfg)
+    for name in ("out", "steps", "time_budget"):
+        d.pop(name, None)
+    d["corpus"] = tuple(_corpus_key(c) for c in d.get("corpus", ()))
+    return d
 
 
 class Trainer:
@@ -221,14 +244,14 @@ class Trainer:
         self.root = processes.rank == 0
         self.progress = progress and self.root
         ckpt_path = self.out / CHECKPOINT
-        self.ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+        self.ckpt = runs.load_checkpoint(ckpt_path, CHECKPOINT_KEYS) \
+            if ckpt_path.exists() else None
         if self.ckpt is not None:
-            saved = LMTrainConfig(**self.ckpt["config"])
-            same = replace(saved, steps=cfg.steps, time_budget=cfg.time_budget)
-            if same != cfg:
-                raise ValueError(f"{ckpt_path} was written by a different configuration "
-                                 f"({saved}); use another run directory (out) or the same "
-                                 f"settings")
+            changed = runs.config_differences(resume_key(self.ckpt["config"]), resume_key(cfg))
+            if changed:
+                raise runs.RunError(f"{ckpt_path} was written by a different configuration "
+                                    f"({'; '.join(changed)}); use another run directory "
+                                    f"(out) or the same settings")
             vocab = Vocabulary(self.ckpt["vocab"])
             corpus = corpus if corpus is not None and corpus.vocab.words == vocab.words else \
                 processes.root_first(lambda: load_corpus(cfg.corpus, vocab=vocab))
@@ -274,7 +297,16 @@ class Trainer:
             ck["history"]
 
     def save(self) -> None:
-        """Write the checkpoint in the single-process layout (every process must call it)."""
+        """Write the checkpoint in the single-process layout (every process must call it).
+
+        Raises:
+            RunError: a parameter is not finite; the last good checkpoint is kept.
+        """
+        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        if float(self.processes.sum(torch.tensor(float(not finite)))) > 0:  # any rank's experts
+            raise runs.RunError(f"a parameter is not finite at step {self.step}: training "
+                                f"diverged and stopped; the last good checkpoint "
+                                f"{self.out / CHECKPOINT} is kept")
         state = None if self.state is None else tuple(
             tuple(self.processes.gather_streams(t, dim=1).cpu() for t in layer)
             for layer in self.state)
@@ -288,7 +320,7 @@ class Trainer:
         }
         if self.root:
             self.out.mkdir(parents=True, exist_ok=True)
-            _save(self.out / CHECKPOINT, ck)
+            runs.save_checkpoint(self.out / CHECKPOINT, ck)
 
     def _done(self) -> bool:
         c = self.cfg
@@ -337,6 +369,24 @@ class Trainer:
                 "compute_to_io": compute_to_io}
 
     def run(self) -> dict:
+        """Train to the end (resuming where the checkpoint stopped), evaluate and write
+        ``metrics.json``; a run already finished returns its metrics without training.
+
+        Raises:
+            RunError: another process writes ``cfg.out``; the loss became non-finite (nothing
+                is saved); :class:`~sparsemoe.experiments.runs.Interrupted` on SIGINT/SIGTERM,
+                after saving at the step boundary.
+        """
+        with runs.RunLock(self.out) if self.root else contextlib.nullcontext(), \
+                runs.StopSignals() as stop:
+            finished = self.out / METRICS
+            if self._done() and finished.exists():
+                metrics = json.loads(finished.read_text())
+                if metrics.get("steps") == self.step:
+                    return metrics
+            return self._train(stop)
+
+    def _train(self, stop: runs.StopSignals) -> dict:
         c = self.cfg
         self.model.train()
         tokens_per_step = c.batch_size * c.bptt
@@ -346,11 +396,12 @@ class Trainer:
         while not self._done():
             t0 = time.perf_counter()
             ce = self.train_step()
+            runs.check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.history["step"].append(self.step)
             self.history["train_loss"].append(ce)
-            post = {"loss": f"{ce:.3f}", "ppl": f"{math.exp(ce):.0f}",
+            post = {"loss": f"{ce:.3f}", "ppl": f"{runs.perplexity(ce):.0f}",
                     "tok/s": f"{self.step * tokens_per_step / self.train_seconds:,.0f}"}
             if moe:
                 post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
@@ -369,6 +420,12 @@ class Trainer:
                     bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
                               f"(first {v['tokens']:,} tokens)")
                 self.save()
+            signalled = self.processes.sum(torch.tensor(float(stop.signum is not None)))
+            if float(signalled) > 0:  # any process's signal stops all of them, after a save
+                bar.close()
+                self.save()
+                raise runs.interrupted(stop.signum or signal.SIGTERM, self.step,
+                                       self.out / CHECKPOINT)
         bar.close()
         self.save()
         return self.finish()
@@ -400,7 +457,7 @@ class Trainer:
         }
         if self.root:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / METRICS).write_text(json.dumps(metrics, indent=1))
+            runs.write_json(self.out / METRICS, metrics)
         return metrics
 
 
@@ -409,7 +466,7 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[LSTMLanguageModel, dict]:
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
         raise FileNotFoundError(f"checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
-    ck = torch.load(path, weights_only=False)
+    ck = runs.load_checkpoint(path, CHECKPOINT_KEYS)
     model = LSTMLanguageModel(LMConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.eval(), ck

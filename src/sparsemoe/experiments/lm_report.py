@@ -7,6 +7,7 @@ Builds on :mod:`sparsemoe.experiments.lm` (training and evaluation), which knows
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,7 +16,10 @@ import torch
 from torch import Tensor
 
 from ..data import Corpus, Vocabulary, load_corpus
+from . import runs
 from .lm import LMTrainConfig, Trainer, load_trained, stream_forward
+
+CALIBRATION = "calibration.json"  # the step count a time budget was turned into
 
 
 def expert_contexts(
@@ -93,25 +97,43 @@ def compare(
     Table-7-style comparison (``results.md``, ``results.csv``), plots and an expert report.
 
     With ``time_budget`` (seconds for everything), the common step count is chosen from a short
-    timing of each preset; otherwise ``base.steps`` is used.
+    timing of each preset, once: it is kept in ``out/calibration.json``, so that a restarted
+    comparison continues each preset's run where it stopped (and one that finished only
+    reports); otherwise ``base.steps`` is used.
     """
     out = Path(out)
     cfgs = [replace(base, preset=p, out=str(out / p)) for p in presets]  # presets checked here
-    corpus = load_corpus(base.corpus, base.vocab_size)
-    print(corpus.describe(), flush=True)
-    steps = base.steps
-    if time_budget is not None:
-        steps = _steps_for_budget(cfgs, corpus, time_budget)
-        print(f"time budget {time_budget:.0f} s → {steps} steps "
-              f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
-    warmup = min(base.warmup, max(1, steps // 5))
-    every = max(1, steps // 6)
-    results = []
-    for cfg in cfgs:
-        cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
-        results.append(Trainer(cfg, corpus, progress=progress).run())
-    write_report(results, out)
+    with runs.RunLock(out):
+        corpus = load_corpus(base.corpus, base.vocab_size)
+        print(corpus.describe(), flush=True)
+        steps = base.steps
+        if time_budget is not None:
+            steps = _calibrated_steps(cfgs, corpus, time_budget, out / CALIBRATION)
+            print(f"time budget {time_budget:.0f} s → {steps} steps "
+                  f"({steps * base.batch_size * base.bptt:,} tokens) per preset", flush=True)
+        warmup = min(base.warmup, max(1, steps // 5))
+        every = max(1, steps // 6)
+        results = []
+        for cfg in cfgs:
+            cfg = replace(cfg, steps=steps, time_budget=None, warmup=warmup, eval_every=every)
+            results.append(Trainer(cfg, corpus, progress=progress).run())
+        write_report(results, out)
     return results
+
+
+def _calibrated_steps(cfgs: list[LMTrainConfig], corpus: Corpus, budget: float,
+                      path: Path) -> int:
+    """:func:`_steps_for_budget`, measured on the first call and read from ``path`` after."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("time_budget") != budget:
+            raise runs.RunError(f"{path.parent} was calibrated for time_budget "
+                                f"{saved.get('time_budget')} s, now {budget} s; use the same "
+                                f"time_budget or another run directory (out)")
+        return int(saved["steps"])
+    steps = _steps_for_budget(cfgs, corpus, budget)
+    runs.write_json(path, {"time_budget": budget, "steps": steps})
+    return steps
 
 
 def format_table(results: list[dict]) -> str:
@@ -134,22 +156,22 @@ def write_report(results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     table = format_table(results)
     tokens = results[0]["tokens_trained"] if results else 0
-    (out / "results.md").write_text(
-        f"# Language-model comparison ({results[0]['corpus'] if results else ''}, "
-        f"{tokens:,} training tokens per model)\n\n{table}\n")
+    corpus = results[0]["corpus"] if results else ""
+    runs.write_text(out / "results.md", f"# Language-model comparison ({corpus}, {tokens:,} "
+                                        f"training tokens per model)\n\n{table}\n")
     keys = ["preset", "test_perplexity", "valid_perplexity", "multiply_adds_per_token",
             "params_body", "params_active_per_token", "params_total", "tokens_per_second",
             "num_experts", "steps", "tokens_trained"]
     lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in results]
-    (out / "results.csv").write_text("\n".join(lines) + "\n")
+    runs.write_text(out / "results.csv", "\n".join(lines) + "\n")
     print(table, flush=True)
     _plots(results, out)
     moe = [r for r in results if r["model_config"]["middle"] == "moe" and r["num_experts"] > 1]
     if moe:
         best = max(moe, key=lambda r: r["num_experts"])
         report = expert_contexts(out / best["preset"])
-        (out / "experts.md").write_text(f"# What the experts of {best['preset']} learned\n\n"
-                                        f"{report}\n")
+        runs.write_text(out / "experts.md", f"# What the experts of {best['preset']} learned"
+                                            f"\n\n{report}\n")
 
 
 def _plots(results: list[dict], out: Path) -> None:
@@ -177,7 +199,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_title("Equal multiply-adds per token")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "perplexity_vs_experts.png", dpi=120)
+    runs.save_figure(fig, out / "perplexity_vs_experts.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -190,7 +212,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "validation_curves.png", dpi=120)
+    runs.save_figure(fig, out / "validation_curves.png", dpi=120)
     plt.close(fig)
 
     moe = [r for r in results if r["valid_tokens_per_expert"] and r["num_experts"] > 1]
@@ -204,5 +226,5 @@ def _plots(results: list[dict], out: Path) -> None:
             ax.set_xlabel("expert")
         axes[0][0].set_ylabel("load / mean load (validation)")
         fig.tight_layout()
-        fig.savefig(out / "expert_load.png", dpi=120)
+        runs.save_figure(fig, out / "expert_load.png", dpi=120)
         plt.close(fig)

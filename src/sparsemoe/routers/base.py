@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .._checks import autocast_dtype, check_bool, check_int, check_number, renamed_argument
+from .._copy import deepcopy_without_graph
 
 
 class Routing(NamedTuple):
@@ -52,6 +53,8 @@ class Router(nn.Module):
     num_experts: int
     d_model: int
     uses_token_ids: bool = False
+
+    __deepcopy__ = deepcopy_without_graph  # a router may keep its last forward's log_prob
 
 
 class GateHiddenLayer(nn.Module):

@@ -38,12 +38,21 @@ def balanced_assignment(scores: Tensor, capacities: Tensor | None = None) -> Ten
     its best (the condition for optimality when one bidder holds several tokens). Vectorised over
     experts and tokens; the Python loop runs over rounds.
 
+    Every round raises a price by at least ε; a phase given more than
+    ``T·n·(⌈range/ε⌉ + 2)`` rounds (capacities that cannot be met, say) raises instead of
+    looping.
+
     Args:
-        scores: ``[T, n]`` token–expert affinities (``h_t · w_e`` in BASE).
+        scores: ``[T, n]`` finite token–expert affinities (``h_t · w_e`` in BASE).
         capacities: ``[n]`` int64 summing to ``T``.
 
     Returns:
         ``[T]`` int64, the expert of each token.
+
+    Raises:
+        ValueError: a score is NaN or infinite, or their range overflows (the auction's
+            prices would never settle).
+        RuntimeError: a phase exceeds its round bound.
     """
     t, n = scores.shape
     device = scores.device
@@ -51,15 +60,23 @@ def balanced_assignment(scores: Tensor, capacities: Tensor | None = None) -> Ten
         capacities = balanced_capacities(t, n, device)
     if t == 0:
         return torch.zeros(0, dtype=torch.long, device=device)
+    finite = torch.isfinite(scores).all(1)
+    if not bool(finite.all()):
+        raise ValueError(f"scores must be finite, got {scores[~finite][0].tolist()} for token "
+                         f"{int((~finite).nonzero()[0])} (NaN or inf features or weights)")
     a = scores.detach().to(torch.float64).T.contiguous()  # [n, T]: experts bid for tokens
     spread = float(a.max() - a.min())
+    if not math.isfinite(spread):
+        raise ValueError(f"scores must span a finite range, got [{float(a.min())}, "
+                         f"{float(a.max())}]")
     eps_final = max(spread, 1.0) * 1e-9 / t
     eps = max(spread / 4, eps_final)
     price = a.new_zeros(t)
     experts = torch.arange(n, device=device)
     while True:  # ε-scaling phases: keep the prices, restart the assignment
         owner = torch.full((t,), -1, dtype=torch.long, device=device)
-        while True:  # rounds
+        bound = t * n * (math.ceil(spread / eps) + 2)
+        for _ in range(bound + 1):  # rounds
             held = (owner[None, :] == experts[:, None]).sum(1)
             short = capacities - held  # r_e
             if not bool((short > 0).any()):
@@ -87,6 +104,9 @@ def balanced_assignment(scores: Tensor, capacities: Tensor | None = None) -> Ten
             price = torch.where(kept, torch.maximum(price, repriced), price)
             price = torch.where(won, best_bid, price)
             owner = torch.where(won, winner, owner)
+        else:
+            raise RuntimeError(f"balanced_assignment: the auction did not settle within {bound} "
+                               f"rounds (ε = {eps:.3g}, score range {spread:.3g})")
         if eps <= eps_final:
             return owner
         eps = max(eps / 8, eps_final)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -17,9 +19,10 @@ class _ImportanceLoadLosses:
     def _set_noise_and_loss_weights(
         self, noise_epsilon: float, w_importance: float, w_load: float
     ) -> None:
-        self.noise_epsilon = check_number("noise_epsilon", noise_epsilon, low=0)
-        self.w_importance = check_number("w_importance", w_importance, low=0)
-        self.w_load = check_number("w_load", w_load, low=0)
+        finite = {"low": 0, "high": math.inf, "high_open": True}
+        self.noise_epsilon = check_number("noise_epsilon", noise_epsilon, **finite)
+        self.w_importance = check_number("w_importance", w_importance, **finite)
+        self.w_load = check_number("w_load", w_load, **finite)
 
     def _routing(
         self, expert_indices: Tensor, combine_weights: Tensor, importance: Tensor, load: Tensor
