@@ -3,9 +3,11 @@
 :func:`from_transformers` and :func:`to_transformers` convert the MoE blocks of Hugging Face
 ``transformers`` (an optional dependency: ``pip install sparsemoe[hf]``); :func:`register`
 makes ``"sparsemoe"`` an experts implementation of ``transformers``
-(:mod:`sparsemoe.interop.backend`).
+(:mod:`sparsemoe.interop.backend`); :func:`patch` and :func:`unpatch` put sparsemoe layers in
+place of the MoE blocks of a whole model and back (:mod:`sparsemoe.interop.patch`).
 """
 
+from .patch import BLOCK_CONVERTERS, PatchedBlock, patch, unpatch
 from .transformers import SUPPORTED_BLOCKS, from_transformers, to_transformers
 
 
@@ -17,4 +19,13 @@ def register() -> None:
     backend.register()
 
 
-__all__ = ["SUPPORTED_BLOCKS", "from_transformers", "register", "to_transformers"]
+__all__ = [
+    "BLOCK_CONVERTERS",
+    "SUPPORTED_BLOCKS",
+    "PatchedBlock",
+    "from_transformers",
+    "patch",
+    "register",
+    "to_transformers",
+    "unpatch",
+]
