@@ -194,3 +194,14 @@ def test_greedy_generation_is_identical(family):
                                    pad_token_id=0)
     assert out["eager"].shape == (2, 5 + 32)
     assert torch.equal(out[backend.NAME], out["eager"])
+
+
+def test_readme_backend_example_runs(capsys):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
+    exec(compile(code, "README backend example", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([1, 3, 1000])"

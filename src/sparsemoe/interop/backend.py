@@ -71,7 +71,7 @@ class _ExpertsBank:
         else:
             h = m.act_fn(self._affine(x, "up_proj", routes))
         y = self._affine(h, "down_proj", routes)
-        return m.post_expert_norm(y) if m.has_post_expert_norm else y
+        return m.post_expert_norm(y) if getattr(m, "has_post_expert_norm", False) else y
 
 
 def sparsemoe_experts_forward(
@@ -95,7 +95,7 @@ def sparsemoe_experts_forward(
     n = self.num_experts
     index = top_k_index.long()
     valid = None
-    if self._is_expert_parallel:
+    if getattr(self, "_is_expert_parallel", False):
         valid = index < n
         index = index.clamp(max=n - 1)
     x = hidden_states

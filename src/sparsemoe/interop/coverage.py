@@ -256,8 +256,12 @@ class FamilyResult:
 
 
 def _flags(module: nn.Module) -> str:
-    names = ("is_concatenated", "is_transposed", "has_bias", "has_gate", "has_post_expert_norm")
-    return " ".join(f"{n}={int(getattr(module, n))}" for n in names)
+    """The decorator's layout flags of an experts module, in words."""
+    words = ["[gate; up]" if module.is_concatenated else "interleaved"]
+    words += ["transposed"] * module.is_transposed + ["bias"] * module.has_bias
+    words += ["no gate"] * (not module.has_gate)
+    words += ["post-expert norm"] * getattr(module, "has_post_expert_norm", False)
+    return ", ".join(words)
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
@@ -329,7 +333,7 @@ def _grad_error(model: nn.Module, ids: torch.Tensor) -> float:
 
 def table(results: list[FamilyResult], tol: float = 1e-5) -> str:
     """The Markdown table of docs/transformers.md."""
-    lines = ["| family | model | experts flags | max abs err (logits) | max abs err (grads) | "
+    lines = ["| family | model | experts layout | max abs err (logits) | max abs err (grads) | "
              "experts' effect | result |", "|---|---|---|---|---|---|---|"]
     for r in results:
         def fmt(v):
