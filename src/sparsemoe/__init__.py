@@ -16,6 +16,7 @@ from .dispatch import Capacity
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
 from .shared import ConditionalMoE, SharedExpertMoE
+from .upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -40,4 +41,5 @@ __all__ = [
     "optim",
     "parallel",
     "routers",
+    "upcycle",
 ]
