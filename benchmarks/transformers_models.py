@@ -95,7 +95,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--context", type=int, default=32, help="cached tokens before a decode step")
+    parser.add_argument("--context", type=int, default=32,
+                        help="cached tokens before a decode step")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--impls", default=",".join(IMPLS))
     args = parser.parse_args()

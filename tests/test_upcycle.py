@@ -66,7 +66,8 @@ def test_transformers_dense_to_moe(kind, tmp_path):
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(config).eval()
     moe = sparsemoe.upcycle(dense, 4, 2).eval()
-    assert type(moe).__name__ == ("Qwen2MoeForCausalLM" if kind == "qwen2" else "MixtralForCausalLM")
+    expected_class = "Qwen2MoeForCausalLM" if kind == "qwen2" else "MixtralForCausalLM"
+    assert type(moe).__name__ == expected_class
     with torch.no_grad():
         for layer in moe.model.layers:  # any router: the copies make it irrelevant
             layer.mlp.gate.weight.normal_(0, 1.0)

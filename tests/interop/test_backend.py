@@ -10,15 +10,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: E402
-from transformers.models.aria.modeling_aria import AriaExperts  # noqa: E402
-from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts  # noqa: E402
-from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
-from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts  # noqa: E402
-from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts  # noqa: E402
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.models.aria.modeling_aria import AriaExperts
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+from transformers.models.muse_spark.modeling_muse_spark import MuseSparkExperts
+from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
 
-import sparsemoe.interop  # noqa: E402
-from sparsemoe.interop import backend, coverage  # noqa: E402
+import sparsemoe.interop
+from sparsemoe.interop import backend, coverage
 
 N, D, H = 6, 16, 8
 
@@ -27,9 +27,7 @@ def _experts(name):
     """A decorated experts module of each layout, random weights, "sparsemoe" selected."""
     cls = {"mixtral": MixtralExperts, "gpt_oss": GptOssExperts, "aria": AriaExperts,
            "nemotron_h": NemotronHExperts, "muse_spark": MuseSparkExperts}[name]
-    family = {"mixtral": "mixtral", "gpt_oss": "gpt_oss", "aria": "aria",
-              "nemotron_h": "nemotron_h", "muse_spark": "muse_spark"}[name]
-    config = coverage.tiny_config(coverage.model_class(family).config_class, family,
+    config = coverage.tiny_config(coverage.model_class(name).config_class, name,
                                   hidden_size=D, intermediate_size=H, moe_intermediate_size=H,
                                   num_local_experts=N, num_experts=N, n_routed_experts=N,
                                   moe_num_experts=N, moe_hidden_size=D)
@@ -47,27 +45,26 @@ LAYOUTS = ["mixtral", "gpt_oss", "aria", "nemotron_h", "muse_spark"]
 
 def _reference(module, x, index, weights):
     """``y_t = Σ_j w_tj · E_{e_tj}(x_t)`` token by token in float64, from the weights."""
-    m = module
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float64)
-    w = {n: p.detach().double() for n, p in m.named_parameters()}
+    w = {n: p.detach().double() for n, p in module.named_parameters()}
     for t in range(x.shape[0]):
         for j in range(index.shape[1]):
             e = int(index[t, j])
-            if e >= m.num_experts:
+            if e >= module.num_experts:
                 continue
-            up_name = "gate_up_proj" if m.has_gate else "up_proj"
-            up = w[up_name][e] if m.is_transposed else w[up_name][e].T  # [d, out]
+            up_name = "gate_up_proj" if module.has_gate else "up_proj"
+            up = w[up_name][e] if module.is_transposed else w[up_name][e].T  # [d, out]
             h = x[t].double() @ up
-            if m.has_bias:
+            if module.has_bias:
                 h = h + w[f"{up_name}_bias"][e]
-            h = (m._apply_gate(h[None].float()).double()[0] if m.has_gate
-                 else m.act_fn(h.float()).double())
-            down = w["down_proj"][e] if m.is_transposed else w["down_proj"][e].T
+            h = (module._apply_gate(h[None].float()).double()[0] if module.has_gate
+                 else module.act_fn(h.float()).double())
+            down = w["down_proj"][e] if module.is_transposed else w["down_proj"][e].T
             y = h @ down
-            if m.has_bias:
+            if module.has_bias:
                 y = y + w["down_proj_bias"][e]
-            if m.has_post_expert_norm:
-                y = m.post_expert_norm(y[None].float()).double()[0]
+            if module.has_post_expert_norm:
+                y = module.post_expert_norm(y[None].float()).double()[0]
             out[t] += weights[t, j].double() * y
     return out
 
@@ -183,7 +180,7 @@ def test_every_family():
     assert all(r.max_err is None for r in failed)  # never built, never a wrong output
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "deepseek_v3"])
 def test_greedy_generation_is_identical(family):
     model = coverage.tiny_model(family)
     prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(4))

@@ -6,12 +6,12 @@ import torch
 
 pytest.importorskip("transformers")
 
-from transformers import AutoModelForCausalLM, DbrxConfig, LlamaConfig  # noqa: E402
-from transformers.models.dbrx.modeling_dbrx import DbrxFFN  # noqa: E402
+from transformers import AutoModelForCausalLM, DbrxConfig, LlamaConfig
+from transformers.models.dbrx.modeling_dbrx import DbrxFFN
 
-import sparsemoe  # noqa: E402
-from sparsemoe.interop import PatchedBlock, coverage, patch, unpatch  # noqa: E402
-from sparsemoe.interop.blocks import dbrx_from_transformers, dbrx_to_transformers  # noqa: E402
+import sparsemoe
+from sparsemoe.interop import PatchedBlock, coverage, patch, unpatch
+from sparsemoe.interop.blocks import dbrx_from_transformers, dbrx_to_transformers
 
 
 def _dbrx_config(normalize=1.0):

@@ -28,7 +28,6 @@ expert-parallel sentinel (an index ≥ ``num_experts``) are not computed and add
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from .._checks import autocast_dtype

@@ -15,6 +15,7 @@ docs/transformers.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import inspect
 import sys
@@ -152,9 +153,9 @@ _FAMILY_FIELDS = {
     "zaya": {"num_experts_per_tok": 1},  # ZAYA supports top-1 only
     "lfm2_moe": {"layer_types": ["conv", "full_attention"]},
     "deepseek_ocr2": {"mlp_layer_types": ["sparse", "sparse"]},
-    "glm5_next": {"qk_rope_head_dim": 0},
-    "mimo_v2_flash": {"num_key_value_heads": 2},
-    "dots3_note": {"head_dim": 32},  # its sliding-window layers use qk_nope + qk_rope  # its attention needs grouped key/values  # its sparse-attention layers have no RoPE
+    "glm5_next": {"qk_rope_head_dim": 0},  # its sparse-attention layers have no RoPE
+    "mimo_v2_flash": {"num_key_value_heads": 2},  # its attention needs grouped key/values
+    "dots3_note": {"head_dim": 32},  # its sliding-window layers use qk_nope + qk_rope
     # a shared indexer needs a full one before it
     "hy_v4_vl": {"indexer_types": ["full", "shared"]},
     "hy_v4": {"indexer_types": ["full", "shared"]},
@@ -193,10 +194,8 @@ def tiny_config(config_class: type, family: str = "", **overrides):
     known = {**vars(defaults), **defaults.to_dict()}
     for k in _TINY:
         if k not in known:
-            try:
+            with contextlib.suppress(AttributeError):
                 known[k] = getattr(defaults, k)
-            except AttributeError:
-                pass
     names = [k for k in known if k.endswith("_types")] + [k for k in _TINY if k in known]
     fields = {}
     for name in names:
@@ -306,7 +305,7 @@ def check_family(family: str, grad: bool = False, tokens: int = 12, seed: int = 
         result.max_err = (eager - ours).abs().max().item()
         if grad:
             result.grad_err = _grad_error(model, ids)
-    except Exception as exc:  # noqa: BLE001 - the table reports every failure with its reason
+    except Exception as exc:
         result.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
     return result
 
@@ -327,7 +326,8 @@ def _grad_error(model: nn.Module, ids: torch.Tensor) -> float:
     eager = _grads(model, ids, "eager")
     ours = _grads(model, ids, backend.NAME)
     if eager.keys() != ours.keys():
-        raise AssertionError(f"gradients of different parameters: {sorted(eager.keys() ^ ours.keys())}")
+        differ = sorted(eager.keys() ^ ours.keys())
+        raise AssertionError(f"gradients of different parameters: {differ}")
     return max((eager[n] - ours[n]).abs().max().item() for n in eager)
 
 

@@ -113,7 +113,8 @@ def patch(model: nn.Module) -> nn.Module:
     if not blocks:
         raise TypeError(f"model must be a transformers model with MoE blocks of "
                         f"{sorted(BLOCK_CONVERTERS)}; model_type "
-                        f"{getattr(config, 'model_type', None)!r} ({type(model).__name__}) has none")
+                        f"{getattr(config, 'model_type', None)!r} ({type(model).__name__}) "
+                        "has none")
     for name, block in blocks:
         kind = type(block).__name__
         layer = BLOCK_CONVERTERS[kind].to_sparsemoe(block)
