@@ -1,7 +1,8 @@
 """The "sparsemoe" experts implementation of transformers (skipped without transformers).
 
 Each layout the ``@use_experts_implementation`` decorator describes is checked on a real
-transformers experts class against a per-token float64 loop written from the definition, and
+transformers experts class against a per-token loop written from the definition (float64
+products around the model's gate function), and
 whole models against transformers' own "eager" loop (tiny random configs, nothing
 downloaded)."""
 
