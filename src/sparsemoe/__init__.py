@@ -18,6 +18,7 @@ from .dense_paths import BASELayer, ConditionalMoE, SharedExpertMoE
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import HierarchicalMoE, MoE, MoELayer, SoftMoE
 from .module import MoEModule, MoEStats, aux_loss
+from .upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -44,4 +45,5 @@ __all__ = [
     "optim",
     "parallel",
     "routers",
+    "upcycle",
 ]
