@@ -3,7 +3,8 @@ reaches the quality of its compute-matched dense twin.
 
 Fedus et al. (2021, §3, Figure 1 and Table 1) report the training steps (and time) a Switch model
 needs to reach the dense T5 model's final quality ("7× speed-up" for Switch-Base with 128
-experts). From the runs of ``sparsemoe lm compare --arch transformer`` (their ``metrics.json``),
+experts). From the runs of ``sparsemoe lm compare --arch transformer`` (their ``metrics.json``; the
+comparison writes the table to ``dense_quality.md``, :mod:`sparsemoe.experiments.lm_report`),
 for every MoE run whose dense twin (:func:`sparsemoe.models.transformer.dense_twin`) was trained
 in the same comparison:
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
-from pathlib import Path
 
 from ..models.transformer import TransformerConfig, dense_twin
 
@@ -127,16 +127,3 @@ def dense_quality_table(results: list[dict]) -> str:
             f"{q['tokens_per_second']:,.0f} ({q['dense_tokens_per_second']:,.0f}) |")
     return "\n".join(rows)
 
-
-def write_dense_quality(results: list[dict], out: str | Path) -> str:
-    """Write ``dense_quality.md`` (the table of :func:`dense_quality_table`) to ``out``, print
-    and return the table."""
-    table = dense_quality_table(results)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "dense_quality.md").write_text(
-        "# Speed-up to dense quality (Switch Transformer, Fedus et al. 2021)\n\n"
-        "Steps each MoE Transformer needs to reach its compute-matched dense twin's final "
-        "validation perplexity, test perplexity after the same steps, validation perplexity "
-        "after the same training time.\n\n" + table + "\n")
-    print(table, flush=True)
-    return table

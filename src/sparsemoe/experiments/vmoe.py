@@ -15,10 +15,9 @@ on the held-out digits, and writes ``vmoe.json``, ``vmoe.md`` (mean ± std over 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,28 +26,49 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .._checks import check_int, check_number
 from ..data.digits import load_digit_set
-from ..layers import aux_loss
 from ..models.vit import VisionMoE, digits_config
+from ..module import aux_loss
+from . import runs
 from .lm import cosine_factor
 
+DATA_SETS = ("mnist5k", "digits8")  # the digit sets of sparsemoe.data that need no folder
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.25)
 POLICIES = {"BPR": "priority", "no BPR": "position"}
 
 
 @dataclass
 class VMoEConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05  # of the training steps
-    capacity_factor: float = 1.05  # training ratio (paper: 1.05)
-    eval_batch: int = 500  # images per capacity group at inference
-    d_model: int = 32
-    ffn_hidden: int = 64  # dense FFN and expert width
-    num_experts: int = 8
-    k: int = 2
+    """Training and evaluation of the V-MoE. The ``vmoe run`` flags are built from these fields
+    and their help texts (``metadata["help"]``)."""
+
+    epochs: int = field(default=10, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "images per batch"})
+    lr: float = field(default=2e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW's weight decay"})
+    warmup_fraction: float = field(default=0.05, metadata={
+        "help": "linear warm-up, as a fraction of the training steps"})
+    capacity_factor: float = field(default=1.05, metadata={
+        "help": "the capacity ratio in training (paper: 1.05)"})
+    eval_batch: int = field(default=500, metadata={
+        "help": "images per capacity group at inference"})
+    d_model: int = field(default=32, metadata={"help": "model width"})
+    ffn_hidden: int = field(default=64, metadata={"help": "dense FFN and expert width"})
+    num_experts: int = field(default=8, metadata={"help": "experts per MoE layer"})
+    k: int = field(default=2, metadata={"help": "experts per token"})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch", "d_model", "ffn_hidden",
+                     "num_experts", "k"):
+            check_int(name, getattr(self, name))
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
+        check_number("weight_decay", self.weight_decay, low=0, high=math.inf, high_open=True)
+        check_number("warmup_fraction", self.warmup_fraction, low=0, high=1)
+        check_number("capacity_factor", self.capacity_factor, low=0, high=math.inf,
+                     low_open=True, high_open=True)
+        if self.k > self.num_experts:
+            raise ValueError(f"k ({self.k}) must be at most num_experts ({self.num_experts})")
 
 
 def _tensors(images: np.ndarray, labels: np.ndarray, pixel_max: int) -> tuple[Tensor, Tensor]:
@@ -131,17 +151,18 @@ def run(out: str | Path, data: tuple[str, ...] = ("mnist5k", "digits8"), seeds: 
         split = load_digit_set(name)
         train_x, train_y = _tensors(split.train_images, split.train_labels, split.pixel_max)
         test_x, test_y = _tensors(split.test_images, split.test_labels, split.pixel_max)
-        runs = []
+        seed_runs = []
         for seed in range(seeds):
             t0 = time.perf_counter()
             model = train(cfg, train_x, train_y, seed, progress)
             curve = capacity_curve(model, test_x, test_y, cfg.eval_batch)
-            runs.append({"seed": seed, "train_seconds": time.perf_counter() - t0, **curve})
-        results["data"][name] = {"train": len(train_x), "test": len(test_x), "runs": runs}
-    (out / "vmoe.json").write_text(json.dumps(results, indent=1))
+            seed_runs.append({"seed": seed, "train_seconds": time.perf_counter() - t0, **curve})
+        results["data"][name] = {"train": len(train_x), "test": len(test_x),
+                                 "runs": seed_runs}
+    runs.write_json(out / "vmoe.json", results)
     table = format_table(results)
-    (out / "vmoe.md").write_text("# V-MoE: test accuracy against the inference capacity ratio\n\n"
-                                 + table + "\n")
+    runs.write_text(out / "vmoe.md", "# V-MoE: test accuracy against the inference capacity "
+                                     "ratio\n\n" + table + "\n")
     print(table, flush=True)
     plot(results, out / "vmoe_capacity.png")
     return results
@@ -192,5 +213,5 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{name} ({len(d['runs'])} seeds)")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    runs.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 
 from torch import nn
 
+from .._checks import check_choice
 from . import lstm_lm, transformer
 
 
@@ -32,7 +33,9 @@ class Architecture:
         multiply_adds_per_token: ``(config, training) -> count``.
         parameter_counts: ``model -> {"total", "body", "active_per_token"}``.
         num_experts: ``config -> experts per MoE layer`` (0 without MoE).
-        optimizer, schedule: the defaults of :class:`~sparsemoe.experiments.lm.TrainConfig`.
+        check_preset: ``name -> name``, raising ValueError for a name not in ``presets``.
+        optimizer, schedule: the defaults of
+            :class:`~sparsemoe.experiments.lm.LMTrainConfig`.
         context_field: the config field the trainer sets to its ``bptt`` (or None).
     """
 
@@ -43,6 +46,7 @@ class Architecture:
     multiply_adds_per_token: Callable[[object, bool], float]
     parameter_counts: Callable[[nn.Module], dict[str, int]]
     num_experts: Callable[[object], int]
+    check_preset: Callable[[object], str]
     optimizer: str
     schedule: str
     context_field: str | None = None
@@ -65,21 +69,21 @@ ARCHITECTURES: dict[str, Architecture] = {
     "lstm": Architecture(
         lstm_lm.LMConfig, lstm_lm.PRESETS, lstm_lm.PRESET_SETS, lstm_lm.LSTMLanguageModel,
         lstm_lm.multiply_adds_per_token, lstm_lm.parameter_counts,
-        lambda cfg: cfg.num_experts if cfg.middle != "lstm" else 0, "adam", "rsqrt"),
+        lambda cfg: cfg.num_experts if cfg.middle != "lstm" else 0, lstm_lm.check_preset,
+        "adam", "rsqrt"),
     "transformer": Architecture(
         transformer.TransformerConfig, transformer.PRESETS, transformer.PRESET_SETS,
         transformer.MoETransformer, transformer.multiply_adds_per_token,
         transformer.parameter_counts,
-        lambda cfg: cfg.num_experts if cfg.router != "none" else 0, "adamw", "cosine",
+        lambda cfg: cfg.num_experts if cfg.router != "none" else 0, transformer.check_preset,
+        "adamw", "cosine",
         context_field="context"),
 }
 
 
 def architecture(name: str) -> Architecture:
     """The :data:`ARCHITECTURES` entry ``name``."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"arch must be one of {tuple(ARCHITECTURES)}, got {name!r}")
-    return ARCHITECTURES[name]
+    return ARCHITECTURES[check_choice("arch", name, tuple(ARCHITECTURES))]
 
 
 def build_model(arch: str, cfg: object) -> nn.Module:

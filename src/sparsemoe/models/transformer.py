@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int
-from ..dispatch import Capacity, equal_routes
+from .._checks import check_choice, check_int
+from ..capacity import Capacity
+from ..dispatch import equal_routes
 from ..experts import EXPERT_ACTIVATIONS, FeedForwardExperts
 from ..layers import MoELayer
 from ..routers import ExpertChoiceRouter, GShardRouter, SwitchRouter, TopKRouter
@@ -150,10 +151,14 @@ PRESET_SETS = {
 }
 
 
+def check_preset(name: object) -> str:
+    """``name`` must be one of :data:`PRESETS` (the one place presets are validated)."""
+    return check_choice("preset", name, tuple(PRESETS))
+
+
 def preset(name: str, **overrides) -> TransformerConfig:
     """The :class:`TransformerConfig` of a named preset, with field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    check_preset(name)
     return TransformerConfig(**{**PRESETS[name], **overrides})
 
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_int, check_number
-from ..dispatch import Capacity
+from ..capacity import Capacity
 from ..experts import FeedForwardExperts
 from ..layers import MoELayer
 from ..routers import TopKRouter
