@@ -42,7 +42,7 @@ SOURCE = Path(__file__).with_name("csrc") / "few_rows_gemm.cpp"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
-MAX_ROWS_PER_EXPERT = 48
+MAX_ROWS_PER_EXPERT = 32
 """``impl="auto"`` uses the kernel where the experts get at most this many rows on average."""
 
 _state: dict[str, ctypes.CDLL | None] = {}
