@@ -222,10 +222,24 @@ def _ratio(med: dict, a: str, b: str) -> float | None:
     return med[a] / med[b] if a in med and b in med else None
 
 
+def _with_impl(bank: nn.Module, impl: str, run):
+    """``run`` with the expert bank's grouped-matmul implementation switched to ``impl``."""
+    def switched():
+        saved, bank.impl = bank.impl, impl
+        try:
+            run()
+        finally:
+            bank.impl = saved
+    return switched
+
+
 def bench_paper(d, n, k, h, tokens, repeats, device, limits, hier,
-                dtype: str = "float32", compile_backend: str | None = None) -> dict:
+                dtype: str = "float32", compile_backend: str | None = None,
+                baseline_impl: str | None = None) -> dict:
     """One row of the paper section; ``dtype`` "bfloat16" runs every contender under autocast,
-    ``compile_backend`` adds the layer compiled with ``torch.compile(backend=...)``."""
+    ``compile_backend`` adds the layer compiled with ``torch.compile(backend=...)``,
+    ``baseline_impl`` the same layer with its experts on another grouped-matmul implementation
+    (before/after comparisons in one run)."""
     torch.manual_seed(0)
     moe = paper_layer(d, n, k, h, hier).to(device)
     dense = dense_ffn(d, k * h).to(device)
@@ -234,6 +248,9 @@ def bench_paper(d, n, k, h, tokens, repeats, device, limits, hier,
     autocast = None if dtype == "float32" else DTYPES[dtype]
     runs = {"dense": step_fn(dense, x, grad, autocast=autocast),
             "sparsemoe": step_fn(moe, x, grad, autocast=autocast)}
+    if baseline_impl:
+        runs["baseline"] = _with_impl(moe.experts, baseline_impl,
+                                      step_fn(moe, x, grad, autocast=autocast))
     if compile_backend:
         torch._dynamo.reset()
         runs["compiled"] = step_fn(moe, x, grad, torch.compile(moe, backend=compile_backend),
@@ -256,6 +273,9 @@ def bench_paper(d, n, k, h, tokens, repeats, device, limits, hier,
         "tokens_per_expert": tokens * k / n, "experts_used": used,
         "dense_ms": _ms(med, "dense"), "sparsemoe_ms": _ms(med, "sparsemoe"),
         "compiled_ms": _ms(med, "compiled"), "compile_backend": compile_backend,
+        "baseline_ms": _ms(med, "baseline"), "baseline_impl": baseline_impl,
+        "sparsemoe_over_baseline": _ratio(med, "sparsemoe", "baseline"),
+        "baseline_over_dense": _ratio(med, "baseline", "dense"),
         "roofline_ms": 1e3 * floor, "dense_roofline_ms": 1e3 * dense_floor,
         "sparsemoe_over_dense": _ratio(med, "sparsemoe", "dense"),
         "compiled_over_sparsemoe": _ratio(med, "compiled", "sparsemoe"),
@@ -450,14 +470,16 @@ def tables(rows: list[dict], limits: dict, header: str) -> str:
         out += _table(
             "The paper's layer vs the compute-matched dense FFN and the roofline",
             ["dtype", "T", "n", "k", "h", "tokens/expert", "dense ms", "sparsemoe ms",
-             "compiled ms", "roofline ms", "sparsemoe/dense", "compiled/sparsemoe",
-             "sparsemoe/roofline", "dense/roofline", "max/mean load"],
+             "compiled ms", "baseline ms", "roofline ms", "sparsemoe/dense",
+             "compiled/sparsemoe", "baseline/dense", "sparsemoe/baseline", "sparsemoe/roofline",
+             "dense/roofline", "max/mean load"],
             [[r["dtype"], r["tokens"],
               f"{r['experts']} ({r['hierarchical']})" if r["hierarchical"] else r["experts"],
               r["k"], r["hidden"], f"{r['tokens_per_expert']:.0f}", _fmt(r["dense_ms"], ".1f"),
               _fmt(r["sparsemoe_ms"], ".1f"), _fmt(r["compiled_ms"], ".1f"),
-              f"{r['roofline_ms']:.1f}", _fmt(r["sparsemoe_over_dense"], ".2f"),
-              _fmt(r["compiled_over_sparsemoe"], ".2f"),
+              _fmt(r["baseline_ms"], ".1f"), f"{r['roofline_ms']:.1f}",
+              _fmt(r["sparsemoe_over_dense"], ".2f"), _fmt(r["compiled_over_sparsemoe"], ".2f"),
+              _fmt(r["baseline_over_dense"], ".2f"), _fmt(r["sparsemoe_over_baseline"], ".2f"),
               _fmt(r["sparsemoe_over_roofline"], ".2f"), _fmt(r["dense_over_roofline"], ".2f"),
               f"{r['max_over_mean_load']:.2f}"]
              for r in paper])
@@ -503,7 +525,7 @@ def run_cell(args, dtype, tokens, n, k, h, limits, memory_bytes, backend, with_m
     hier = hierarchical_split(n, k, args.hierarchical_from)
     if "paper" in args.sections:
         rows.append(bench_paper(args.d, n, k, h, tokens, args.repeats, args.device, limits,
-                                hier, dtype, backend))
+                                hier, dtype, backend, args.baseline_impl))
         print(json.dumps(rows[-1]), flush=True)
     _release(args.device)
     if "peers" in args.sections:
@@ -530,6 +552,10 @@ def main() -> None:
     p.add_argument("--compile", default=None, choices=["none", "inductor", "aot_eager", "eager"],
                    help="torch.compile backend of the compiled contender (paper section); "
                         "default: inductor on a GPU, none on a CPU")
+    p.add_argument("--baseline-impl", default=None,
+                   choices=[i for i in sparsemoe.dispatch.GROUPED_MM_IMPLS if i != "auto"],
+                   help="add the paper layer with its experts on this grouped-matmul "
+                        "implementation as a contender (before/after in one run)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--hierarchical-from", type=int, default=4096,
                    help="n at which the paper's layer is hierarchical (√n × √n)")

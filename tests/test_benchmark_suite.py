@@ -35,10 +35,12 @@ def test_paper_rows_for_both_dtypes_and_token_counts(suite):
             backend = "eager" if (dtype, tokens) == ("bfloat16", 32) else None
             rows.append(suite.bench_paper(TINY["d"], TINY["n"], TINY["k"], TINY["h"], tokens,
                                           TINY["repeats"], "cpu", limits[dtype], None, dtype,
-                                          compile_backend=backend))
+                                          compile_backend=backend, baseline_impl="loop"))
     for row in rows:
         assert row["errors"] == {}
-        assert row["dense_ms"] > 0 and row["sparsemoe_ms"] > 0
+        assert row["dense_ms"] > 0 and row["sparsemoe_ms"] > 0 and row["baseline_ms"] > 0
+        assert row["sparsemoe_over_baseline"] == pytest.approx(
+            row["sparsemoe_ms"] / row["baseline_ms"])
     compiled = rows[2]
     assert compiled["compiled_ms"] > 0 and rows[0]["compiled_ms"] is None
     assert compiled["compiled_over_sparsemoe"] == pytest.approx(
@@ -47,6 +49,14 @@ def test_paper_rows_for_both_dtypes_and_token_counts(suite):
     report = suite.tables(rows, limits, "## tiny")
     assert report.count("| bfloat16 |") == 2 and report.count("| float32 |") == 2
     assert "Measured limits (bfloat16)" in report
+
+
+def test_baseline_contender_switches_the_implementation_back(suite):
+    bank = torch.nn.Module()
+    bank.impl = "auto"
+    seen = []
+    suite._with_impl(bank, "grouped_mm", lambda: seen.append(bank.impl))()
+    assert seen == ["grouped_mm"] and bank.impl == "auto"
 
 
 def test_peer_rows_under_autocast(suite):
