@@ -44,7 +44,7 @@ def kernel_path(x, w, dy, counts, dw):
     }
 
 
-def bench(n, m, p, q, dtype, repeats) -> dict:
+def bench(n, m, p, q, dtype, repeats, clock=time.perf_counter) -> dict:
     torch.manual_seed(0)
     counts = torch.bincount(torch.randint(n, (n * m,)), minlength=n)
     rows = int(counts.sum())
@@ -61,9 +61,9 @@ def bench(n, m, p, q, dtype, repeats) -> dict:
             paths[name][product]()  # warm-up
         for r in range(repeats):
             for name in list(paths)[r % 2:] + list(paths)[:r % 2]:
-                start = time.perf_counter()
+                start = clock()
                 paths[name][product]()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
         out[product] = {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
     return out
 
@@ -77,11 +77,14 @@ def main() -> None:
                    help="experts per regime: as many [p, q] weights as fit this size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                   help="cpu: the process's CPU time, for one thread on a shared machine")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     if few_rows.library() is None:
         raise SystemExit("the few-row kernel could not be built (see the warning)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
+          f"{args.clock} clock; "
           "ms median [min-max], ratio = few_rows / grouped_mm")
     print("| p×q | n | rows/expert | product | grouped_mm ms | few_rows ms | ratio |")
     print("|---|---|---|---|---|---|---|")
@@ -89,7 +92,8 @@ def main() -> None:
         pp, qq = map(int, shape.split("x"))
         n = max(1, int(args.weight_mb * 2**20 / (pp * qq * dtype.itemsize)))
         for m in args.rows:
-            res = bench(n, m, pp, qq, dtype, args.repeats)
+            res = bench(n, m, pp, qq, dtype, args.repeats,
+                        time.perf_counter if args.clock == "wall" else time.process_time)
             for product, t in res.items():
                 g, k = t["grouped_mm"], t["few_rows"]
                 print(f"| {shape} | {n} | {m} | {product} | {1e3 * g[0]:.1f} "

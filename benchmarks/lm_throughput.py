@@ -10,6 +10,10 @@ size, and reports medians and the ratio.
     python benchmarks/lm_throughput.py --presets MoE-1-Wide,MoE-32 --batch-sizes 32 64 128
     python benchmarks/lm_throughput.py --batch-sizes 32 --impls grouped_mm auto   # before/after
 
+``--clock cpu`` times with the process's CPU time instead of the wall clock: on a machine shared
+with other jobs it leaves out the time the process waits for a core (run it with one thread,
+``OMP_NUM_THREADS=1``, where CPU time is the step's time on one core).
+
 ``--impls`` runs every compared preset once per grouped-matmul implementation of its experts
 (``sparsemoe.dispatch.GROUPED_MM_IMPLS``), all alternating in one process: torch's grouped
 GEMM against the few-row kernel that ``"auto"`` picks at this batch, side by side.
@@ -37,9 +41,11 @@ def main() -> None:
     p.add_argument("--bptt", type=int, default=35)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=8)
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--impls", nargs="+", default=["auto"], choices=GROUPED_MM_IMPLS,
                    help="the compared presets' expert grouped-matmul implementations")
     args = p.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     names = args.presets.split(",")
     # (label, preset, impl): the baseline as it is, the others once per implementation
     runs = [(names[0], names[0], None)] + [
@@ -65,9 +71,9 @@ def main() -> None:
             times: dict[str, list[float]] = {label: [] for label in trainers}
             for _ in range(args.repeats):
                 for label, t in trainers.items():
-                    start = time.perf_counter()
+                    start = clock()
                     t.train_step()
-                    times[label].append(time.perf_counter() - start)
+                    times[label].append(clock() - start)
             base = statistics.median(times[names[0]])
             for label, t in trainers.items():
                 med = statistics.median(times[label])
