@@ -72,6 +72,11 @@ import sparsemoe
 F32 = 4  # bytes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: the wall clock, or the process's CPU time (one thread on a shared machine: the
+time spent waiting for a core is left out)."""
+_clock = CLOCK["wall"]
+
 
 def _synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -100,10 +105,10 @@ def _median_time(fn, repeats: int, device: str) -> float:
     times = []
     for _ in range(repeats):
         _synchronize(device)
-        start = time.perf_counter()
+        start = _clock()
         fn()
         _synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return statistics.median(times)
 
 
@@ -170,12 +175,6 @@ def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None,
         loss.backward()
 
     return run
-
-
-CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
-"""``--clock``: the wall clock, or the process's CPU time (one thread on a shared machine: the
-time spent waiting for a core is left out)."""
-_clock = CLOCK["wall"]
 
 
 def time_alternating(runs: dict, repeats: int, device: str, errors: dict | None = None) -> dict:
