@@ -45,7 +45,6 @@ def test_paper_rows_for_both_dtypes_and_token_counts(suite):
     assert compiled["compiled_ms"] > 0 and rows[0]["compiled_ms"] is None
     assert compiled["compiled_over_sparsemoe"] == pytest.approx(
         compiled["compiled_ms"] / compiled["sparsemoe_ms"])
-    # bfloat16 halves the weight bytes of the roofline's memory term
     report = suite.tables(rows, limits, "## tiny")
     assert report.count("| bfloat16 |") == 2 and report.count("| float32 |") == 2
     assert "Measured limits (bfloat16)" in report
