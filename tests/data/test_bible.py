@@ -3,8 +3,7 @@ import zipfile
 
 import pytest
 
-from sparsemoe.data import FetchError
-from sparsemoe.data import bible
+from sparsemoe.data import FetchError, bible
 from sparsemoe.data.bible import (
     TEST_BOOKS,
     VALID_BOOKS,
@@ -49,7 +48,8 @@ def db(tmp_path):
 
 
 def test_clean_verse():
-    assert clean_verse("God`s Spirit , `You shall not eat?`") == "God's Spirit, 'You shall not eat?'"
+    assert clean_verse("God`s Spirit , `You shall not eat?`") == \
+        "God's Spirit, 'You shall not eat?'"
     assert clean_verse("Et Dieu dit : Que les eaux [qui sont] au-dessous ; oui !") == \
         "Et Dieu dit: Que les eaux qui sont au-dessous; oui!"
     assert clean_verse("(9:1) Au chef des chantres. (9:2) Je louerai") == \

@@ -194,3 +194,20 @@ def test_strictly_balanced_threshold_loss_by_hand():
     torch.testing.assert_close(router.thresholds.grad, torch.tensor([0.0, 1.0]))
     router.eval()  # at inference the thresholds decide: token 0 now goes to expert 0 only
     assert router(x).valid.tolist() == [[True, False], [False, True], [True, False]]
+
+
+def test_search_goes_on_while_a_longer_hypothesis_can_still_win():
+    # <s> → </s> (0.55) finishes first with log 0.55 / lp(1) = −0.60; <s> → 4 (0.45) → 5 → </s>
+    # (0.99 each) has log P = −0.82 but, normalised with α = 2, −0.82 / lp(3) = −0.46: better.
+    # The search may stop only when the live score over lp(max_len) cannot win any more (or
+    # K hypotheses have finished: beam 3 leaves room for the improbable <s> 4 </s>).
+    p = torch.full((6, 6), 1e-9, dtype=torch.float64)
+    p[BOS, EOS], p[BOS, 4] = 0.55, 0.45
+    p[4, 5], p[5, EOS] = 0.99, 0.99
+    logp = (p / p.sum(-1, keepdim=True)).log()
+    source = torch.zeros(1, 1, dtype=torch.long)
+    assert exhaustive_best(logp, 4, 2.0)[1] == [4, 5]
+    assert beam_search(TableDecoder(logp), source, BOS, EOS, beam=3, max_len=4,
+                       alpha=2.0) == [[4, 5]]
+    assert beam_search(TableDecoder(logp), source, BOS, EOS, beam=3, max_len=4,
+                       alpha=0.0) == [[]]  # without normalisation </s> alone is best
