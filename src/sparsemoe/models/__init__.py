@@ -10,14 +10,20 @@ from .lstm_lm import (
     parameter_counts,
     preset,
 )
+from .seq2seq import FactorisedAttention, Seq2Seq, Seq2SeqConfig, beam_search, greedy_search
 
 __all__ = [
     "PRESETS",
     "PRESET_SETS",
     "DeepMoE",
     "DeepMoEConfig",
+    "FactorisedAttention",
     "LMConfig",
     "LSTMLanguageModel",
+    "Seq2Seq",
+    "Seq2SeqConfig",
+    "beam_search",
+    "greedy_search",
     "matched_width",
     "mlp",
     "multiply_adds_per_token",
