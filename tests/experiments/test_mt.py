@@ -2,15 +2,16 @@ import io
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsemoe.cli import main
-from sparsemoe.experiments import mt
+from sparsemoe.experiments import mt, runs
 from sparsemoe.experiments.mt import (
+    MTTrainConfig,
     PairBatcher,
-    TrainConfig,
     Trainer,
     batchwise_mask,
     bleu_chrf,
@@ -35,7 +36,7 @@ def tsv(tmp_path_factory):
 
 
 def tiny(tsv, out, **kw):
-    return TrainConfig(corpus=f"tsv={tsv}", vocab_size=60, preset="MoE-32-sb",
+    return MTTrainConfig(corpus=f"tsv={tsv}", vocab_size=60, preset="MoE-32-sb",
                        model={"d_model": 8, "attention_dim": 8, "hidden": 8, "num_experts": 4,
                               "k": 2},
                        batch_size=8, steps=6, eval_every=3, eval_sentences=16, beam=2,
@@ -56,7 +57,7 @@ def test_bleu_of_a_perfect_translation_is_100():
 
 
 def test_pair_batcher_covers_each_pair_once_per_epoch(tsv):
-    data = prepare_data(TrainConfig(corpus=f"tsv={tsv}", vocab_size=60))
+    data = prepare_data(MTTrainConfig(corpus=f"tsv={tsv}", vocab_size=60))
     b = PairBatcher(data.train, 8, seed=1)
     first = [b.next() for _ in range(len(data.train) // 8)]
     seen = [i for batch in first for i in batch]
@@ -80,8 +81,54 @@ def test_exact_resume(tsv, tmp_path):
     for (name, a), b in zip(whole.model.state_dict().items(),
                             second.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(runs.RunError, match="different configuration .*lr: saved 0.002, now 1.0"):
         Trainer(replace(tiny(tsv, tmp_path / "split"), lr=1.0), progress=False)
+    # the run directory and the length of training are not part of the configuration
+    moved = tmp_path / "moved"
+    (tmp_path / "split").rename(moved)
+    assert Trainer(replace(tiny(tsv, moved), steps=8), progress=False).step == 6
+
+
+class Touch:
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (self.target,))
+
+
+def test_crafted_and_corrupt_checkpoints_are_refused(tsv, tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(replace(tiny(tsv, run), steps=2, eval_every=2, test_sentences=4),
+            progress=False).run()
+    path = run / mt.CHECKPOINT
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exited:
+        main(["mt", "eval", "--checkpoint", str(run)])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.startswith(f"sparsemoe: error: {path} is corrupt: ")
+    with pytest.raises(runs.RunError, match=f"{path} is corrupt"):
+        Trainer(tiny(tsv, run), progress=False)
+
+    marker = tmp_path / "pwned"
+    ck = torch.load(io.BytesIO(good), weights_only=True)
+    ck["config"] = {"corpus": Touch(marker)}
+    torch.save(ck, path)
+    runs.checksum_path(path).write_text(f"{runs._sha256(path.read_bytes())}  checkpoint.pt\n")
+    lines = tmp_path / "lines.txt"
+    lines.write_text("alpha beta\n")
+    for command in (["mt", "eval", "--checkpoint", str(run)],
+                    ["mt", "translate", "--checkpoint", str(run), "--input", str(lines)]):
+        with pytest.raises(SystemExit) as exited:
+            main(command)
+        assert exited.value.code == 1
+        assert "cannot be loaded safely" in capsys.readouterr().err
+    with pytest.raises(runs.RunError, match="cannot be loaded safely"):
+        Trainer(tiny(tsv, run), progress=False)
+    assert not marker.exists()
 
 
 def test_batchwise_mask_at_inference_balances_exactly(tsv, tmp_path):
@@ -134,3 +181,17 @@ def test_table5_counts_directions_improved():
     assert "| en-fr | 10.00 | 11.00 |" in rows
     assert "moe is better than dense on 2 of 3 directions." in rows
 
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
+    (["--preset", "nope"], "preset must be one of"),
+    (["--lr", "nan"], "lr must be a number in (0, inf), got nan"),
+    (["--corpus", "tsv=/nonexistent/pairs.tsv"], "corpus: /nonexistent/pairs.tsv is not a file"),
+])
+def test_bad_flags_and_missing_data_are_usage_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as exited:
+        main(["mt", "train", "--out", str(tmp_path / "run"), *flags])
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -193,8 +193,11 @@ def bible_corpus(setting: str, db: str | Path | None = None) -> ParallelCorpus:
                           languages=("en", *MULTILINGUAL))
 
 
-def read_tsv(path: str | Path) -> list[Pair]:
-    """``source<TAB>target`` lines (blank lines skipped) as pairs of direction ``"src-tgt"``."""
+def read_tsv(path: str | Path, argument: str = "corpus") -> list[Pair]:
+    """``source<TAB>target`` lines (blank lines skipped) as pairs of direction ``"src-tgt"``;
+    a missing file raises FileNotFoundError naming ``argument``."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{argument}: {path} is not a file")
     pairs = []
     for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -216,7 +219,8 @@ def tsv_corpus(path: str | Path, valid: str | Path | None = None,
                          f"test={test!r}")
     pairs = read_tsv(path)
     if valid is not None:
-        return ParallelCorpus(f"tsv={path}", pairs, read_tsv(valid), read_tsv(test))
+        return ParallelCorpus(f"tsv={path}", pairs, read_tsv(valid, "valid"),
+                              read_tsv(test, "test"))
     if len(pairs) < 20:
         raise ValueError(f"{path}: a 90/5/5 split needs at least 20 pairs, got {len(pairs)}")
     a, b = int(0.9 * len(pairs)), int(0.95 * len(pairs))

