@@ -55,7 +55,7 @@ def main() -> int:
         return 2
     command, rest = sys.argv[1], sys.argv[2:]
     try:
-        ensure_env("dev,plot,hf")  # hf: transformers, so that the interop tests run in CI
+        ensure_env("dev,plot,hf,mt")  # hf, mt: so that the interop and translation tests run in CI
         if command == "main":
             run(BIN / "sparsemoe", "lm", "compare", "--presets", "quick", "--time-budget", "720",
                 "--dropout", "0", "--out", "runs/quick", *rest)

@@ -1,7 +1,7 @@
 """The ``sparsemoe`` command line: argument parsing only; the work is in
 :mod:`sparsemoe.experiments`.
 
-Every command family (``lm``, ``dmoe``, ``classic``, ``vmoe``) has one function
+Every command family (``lm``, ``dmoe``, ``classic``, ``mt``, ``vmoe``) has one function
 ``_add_<family>`` that adds its sub-commands, and one handler
 ``_<family>_<command>(args, parser)`` per sub-command (``parser`` is the sub-command's).
 A training command's flags are built from its configuration dataclass (the field's name, type,
@@ -278,6 +278,117 @@ def _add_classic(sub: Any) -> None:
     report.set_defaults(func=_classic_report, command_parser=report)
 
 
+# mt: the paper's translation experiments
+
+_MT_MODEL_HELP = {"gating": "flat MoE gating (default: the preset's)",
+                  "dropout": "dropout probability (default: the preset's)",
+                  "d_model": "model width (default: the preset's)"}
+
+
+def _mt_train_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     **values: Any):
+    from .experiments import mt
+
+    model = {k: getattr(args, k) for k in _MT_MODEL_HELP if getattr(args, k, None) is not None}
+    if args.steps is None and args.time_budget is not None:
+        values["steps"] = None  # until the time budget
+    return _config_from(parser, mt.MTTrainConfig, args, model=model, **values)
+
+
+def _mt_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import mt
+
+    cfg = _mt_train_config(parser, args, preset=args.preset)
+    with _data_errors(parser):
+        metrics = mt.Trainer(cfg).run()
+    keys = ("valid_perplexity", "test_perplexity", "test_bleu", "test_chrf",
+            "test_bleu_batchwise_mask", "tokens_per_second", "params_total",
+            "multiply_adds_per_timestep", "load")
+    print(json.dumps({k: metrics[k] for k in keys}, indent=1))
+
+
+def _mt_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import mt
+
+    with _data_errors(parser):
+        metrics = mt.evaluate_checkpoint(args.checkpoint, args.test_sentences, args.beam)
+    print(json.dumps(metrics, indent=1, ensure_ascii=False))
+
+
+def _mt_translate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import mt
+
+    with _data_errors(parser):
+        lines = (Path(args.input).read_text(encoding="utf-8") if args.input else
+                 sys.stdin.read()).splitlines()
+        out = mt.translate_checkpoint(args.checkpoint, lines, args.to, args.beam, args.alpha,
+                                      progress=args.input is not None)
+    sys.stdout.write("".join(f"{line}\n" for line in out))
+
+
+def _mt_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import mt
+    from .models.seq2seq import PRESET_SETS as MT_SETS
+
+    names = MT_SETS.get(args.presets) or [p.strip() for p in args.presets.split(",")]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    base = _mt_train_config(parser, args, preset=None)
+    for name in names:  # the presets are checked by the configuration, as --preset
+        _config_from(parser, mt.MTTrainConfig, args, **{**vars(base), "preset": name})
+    with _data_errors(parser):
+        mt.compare(list(names), seeds, base, args.out, time_budget=args.time_budget)
+
+
+def _add_mt(sub: Any) -> None:
+    from .experiments.mt import MTTrainConfig
+    from .models.seq2seq import GATINGS, Seq2SeqConfig
+    from .models.seq2seq import PRESET_SETS as MT_SETS
+    from .models.seq2seq import PRESETS as MT_PRESETS
+
+    parser = sub.add_parser("mt", help="the paper's translation experiments (GNMT-style MoE)")
+    mt_sub = parser.add_subparsers(dest="mt_command", required=True)
+
+    def training_flags(p: argparse.ArgumentParser) -> None:
+        _add_config_arguments(p, MTTrainConfig, skip=("preset", "model"), required=("out",))
+        for name, help_text in _MT_MODEL_HELP.items():
+            p.add_argument(_flag(name), dest=name, type=type(getattr(Seq2SeqConfig, name)),
+                           default=None, help=help_text,
+                           choices=GATINGS if name == "gating" else None)
+
+    train = mt_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
+    train.add_argument("--preset", default=MTTrainConfig.preset,
+                       help=f"one of {', '.join(MT_PRESETS)} (default: {MTTrainConfig.preset})")
+    training_flags(train)
+    train.set_defaults(func=_mt_train, command_parser=train)
+
+    ev = mt_sub.add_parser("eval", help="perplexity and BLEU of a trained run")
+    ev.add_argument("--checkpoint", required=True, help="a run directory")
+    ev.add_argument("--test-sentences", type=int, default=None,
+                    help="BLEU on the first N test pairs of each direction (default: the run's)")
+    ev.add_argument("--beam", type=int, default=None, help="beam width (default: the run's)")
+    ev.set_defaults(func=_mt_eval, command_parser=ev)
+
+    tr = mt_sub.add_parser("translate", help="translate lines from stdin (or --input) to stdout")
+    tr.add_argument("--checkpoint", required=True, help="a run directory")
+    tr.add_argument("--input", default=None, help="a text file, one sentence per line")
+    tr.add_argument("--to", default=None, help="target language of a multilingual model")
+    tr.add_argument("--beam", type=int, default=MTTrainConfig.beam)
+    tr.add_argument("--alpha", type=float, default=MTTrainConfig.alpha,
+                    help="length normalisation")
+    tr.set_defaults(func=_mt_translate, command_parser=tr)
+
+    compare = mt_sub.add_parser("compare", help="train presets × seeds and write the "
+                                "Table-2/Table-5-shaped report")
+    compare.add_argument("--presets", default="dense-vs-moe",
+                         help=f"comma-separated preset names or a set: {tuple(MT_SETS)}")
+    compare.add_argument("--seeds", default="0", help="comma-separated seeds")
+    training_flags(compare)
+    compare.set_defaults(func=_mt_compare, command_parser=compare)
+
+
 # vmoe: the Vision MoE's inference capacity
 
 def _vmoe_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -315,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add_family in (_add_lm, _add_dmoe, _add_classic, _add_vmoe):
+    for add_family in (_add_lm, _add_dmoe, _add_classic, _add_mt, _add_vmoe):
         add_family(sub)
     return parser
 

@@ -11,6 +11,7 @@ from .lstm_lm import (
     parameter_counts,
     preset,
 )
+from .seq2seq import FactorisedAttention, Seq2Seq, Seq2SeqConfig, beam_search, greedy_search
 from .transformer import MoETransformer, TransformerConfig, dense_twin
 from .vit import VisionMoE, ViTConfig
 
@@ -21,14 +22,19 @@ __all__ = [
     "Architecture",
     "DeepMoE",
     "DeepMoEConfig",
+    "FactorisedAttention",
     "LMConfig",
     "LSTMLanguageModel",
     "MoETransformer",
+    "Seq2Seq",
+    "Seq2SeqConfig",
     "TransformerConfig",
     "ViTConfig",
     "VisionMoE",
+    "beam_search",
     "build_model",
     "dense_twin",
+    "greedy_search",
     "matched_width",
     "mlp",
     "multiply_adds_per_token",

@@ -148,27 +148,34 @@ class LSTMLanguageModel(nn.Module):
         return [m for m in self.layers if not isinstance(m, nn.LSTM)]
 
 
+def middle_multiply_adds(cfg, training: bool = False) -> int:
+    """Multiply-adds per token of an MoE middle layer: flat (``cfg.middle == "moe"``): gating
+    d·n (doubled in training by the noise matmul) plus k experts of 2·d·h; hierarchical
+    (``"hmoe"``): primary gating d·a, secondary gating d·b for each of the k_p chosen groups,
+    and k_p·k_s experts; ``"deep"``: one expert with ``deep_layers`` hidden layers. ``cfg`` is
+    any config with these fields (:class:`LMConfig`, the translation model's)."""
+    d, h = cfg.d_model, cfg.hidden
+    gate = 2 if training else 1
+    if cfg.middle == "moe":
+        return gate * d * cfg.num_experts + cfg.k * 2 * d * h
+    if cfg.middle == "hmoe":
+        b = cfg.num_experts // cfg.groups
+        return gate * d * (cfg.groups + cfg.k_primary * b) \
+            + cfg.k_primary * cfg.k_secondary * 2 * d * h
+    if cfg.middle == "deep":
+        return gate * d + 2 * d * h + (cfg.deep_layers - 1) * h * h
+    raise ValueError(f"middle must be 'moe', 'hmoe' or 'deep', got {cfg.middle!r}")
+
+
 def multiply_adds_per_token(cfg: LMConfig, training: bool = False) -> int:
     """Multiply-adds per token outside the embedding and the softmax (Table 7's ops/timestep).
 
-    LSTM layer: 4 gates × (d input + d recurrent) × d = 8·d². Flat MoE: gating d·n (doubled in
-    training by the noise matmul) plus k experts of 2·d·h. Hierarchical: primary gating d·a,
-    secondary gating d·b for each of the k_p chosen groups, and k_p·k_s experts. Biases and
-    element-wise operations are not counted.
+    LSTM layer: 4 gates × (d input + d recurrent) × d = 8·d²; the middle layer as
+    :func:`middle_multiply_adds` (4xLSTM: two more LSTM layers). Biases and element-wise
+    operations are not counted.
     """
-    d, h = cfg.d_model, cfg.hidden
-    lstm = 8 * d * d
-    gate = 2 if training else 1
-    if cfg.middle == "moe":
-        middle = gate * d * cfg.num_experts + cfg.k * 2 * d * h
-    elif cfg.middle == "hmoe":
-        b = cfg.num_experts // cfg.groups
-        middle = gate * d * (cfg.groups + cfg.k_primary * b) \
-            + cfg.k_primary * cfg.k_secondary * 2 * d * h
-    elif cfg.middle == "deep":
-        middle = gate * d + 2 * d * h + (cfg.deep_layers - 1) * h * h
-    else:
-        middle = 2 * lstm
+    lstm = 8 * cfg.d_model * cfg.d_model
+    middle = 2 * lstm if cfg.middle == "lstm" else middle_multiply_adds(cfg, training)
     return 2 * lstm + middle
 
 
