@@ -685,3 +685,46 @@ def gate_matrix(
     """
     w = valid_weights(combine_weights, valid)
     return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, §2.1.2).
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_balance_loss(
+    scores: Tensor, expert_indices: Tensor, sequence_ids: Tensor, valid: Tensor | None = None
+) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, without its α (eqs. 17–20).
+
+    For each sequence of ``T`` tokens, ``L = Σ_i f_i·P_i`` with
+    ``f_i = N/(K·T) Σ_t 1[i ∈ TopK_t]`` and ``P_i = (1/T) Σ_t s'_{i,t}``, where
+    ``s'_{i,t} = s_{i,t} / Σ_j s_{j,t}`` are the affinities normalised over the ``N`` experts;
+    the result is the mean of ``L`` over the sequences that have tokens. Only ``P`` carries a
+    gradient; a perfectly balanced sequence gives 1.
+
+    Args:
+        scores: ``[T, n]`` the affinities ``s`` (sigmoid scores in DeepSeek-V3).
+        expert_indices: ``[T, k]`` the chosen experts, TopK_t.
+        sequence_ids: ``[T]`` int64, the sequence of each token (any non-negative ids).
+        valid: ``[T, k]`` bool, or None when every choice counts.
+
+    Returns:
+        A scalar (0 for no tokens).
+    """
+    t, n = scores.shape
+    if t == 0:
+        return scores.sum() * 0.0
+    k = expert_indices.shape[1]
+    _, seq = torch.unique(sequence_ids, return_inverse=True)  # ids 0..S-1
+    num_seq = int(seq.max()) + 1
+    length = torch.bincount(seq, minlength=num_seq).to(scores.dtype)  # [S]
+    normalised = scores / scores.sum(-1, keepdim=True)
+    p = scores.new_zeros(num_seq, n).index_add_(0, seq, normalised) / length[:, None]
+    pairs = seq[:, None].expand(t, k).reshape(-1) * n + expert_indices.reshape(-1)
+    ones = torch.ones(pairs.numel(), dtype=scores.dtype, device=scores.device)
+    if valid is not None:
+        ones = ones * valid.reshape(-1)
+    counts = scores.new_zeros(num_seq * n).index_add_(0, pairs, ones).view(num_seq, n)
+    f = counts * (n / k) / length[:, None]
+    return (f * p).sum(1).mean()
