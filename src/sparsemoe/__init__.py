@@ -8,10 +8,11 @@ The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`Hierarchical
 :mod:`sparsemoe.routers`, the expert banks :mod:`sparsemoe.experts`, the token dispatch
 :mod:`sparsemoe.dispatch`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
 the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`, expert parallelism over
-``torch.distributed`` :mod:`sparsemoe.parallel`.
+``torch.distributed`` :mod:`sparsemoe.parallel`, global-batch and auxiliary-loss-free
+balancing :mod:`sparsemoe.balancing`.
 """
 
-from . import dispatch, functional, interop, optim, parallel, routers
+from . import balancing, dispatch, functional, interop, optim, parallel, routers
 from .dispatch import Capacity
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
 from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
@@ -34,6 +35,7 @@ __all__ = [
     "SoftMoE",
     "__version__",
     "aux_loss",
+    "balancing",
     "dispatch",
     "functional",
     "interop",

@@ -4,8 +4,9 @@ One module per family; see ``docs/routers.md`` for the table of methods, papers,
 defaults and tested invariants.
 """
 
-from .base import GateHiddenLayer, LinearRouter, Router, Routing
+from .base import BalanceSums, GateHiddenLayer, LinearRouter, Router, Routing
 from .base_layers import BASERouter
+from .deepseek import DeepSeekV3Router
 from .dense import ArgmaxRouter, SoftmaxRouter
 from .expert_choice import ExpertChoiceRouter
 from .gshard import GShardRouter
@@ -21,6 +22,8 @@ from .top_k import TopKRouter
 __all__ = [
     "ArgmaxRouter",
     "BASERouter",
+    "BalanceSums",
+    "DeepSeekV3Router",
     "ExpertChoiceRouter",
     "GShardRouter",
     "GateHiddenLayer",
