@@ -199,10 +199,12 @@ class MoELayer(nn.Module):
                 raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype "
                                  f"{mask.dtype} with other values")
             mask = mask != 0
-        if self.capacity is not None and self.capacity.group == "sequence":
-            raise ValueError("mask with a per-sequence capacity (Capacity(group='sequence')) is "
-                             "not supported: the kept tokens of each sequence differ in number; "
-                             "use group='batch'")
+        if (self.capacity is not None and self.capacity.group == "sequence"
+                and self.capacity.tokens is None):
+            raise ValueError("mask with a per-sequence capacity factor is not supported (the "
+                             "sequences' kept tokens differ in number); give a fixed "
+                             "Capacity(tokens=..., group='sequence') or group='batch', got "
+                             f"{self.capacity}")
         return mask.reshape(-1).nonzero().squeeze(1)
 
     def _route(
@@ -215,15 +217,17 @@ class MoELayer(nn.Module):
         return self.router(tokens)
 
     def _pairs_to_compute(
-        self, routing: Routing, x: Tensor
+        self, routing: Routing, x: Tensor, kept: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The pairs to compute after capacity and expert output masking; the routed and the
-        dropped pair counts (None without a capacity)."""
+        dropped pair counts (None without a capacity). ``kept`` indexes the routed tokens
+        among ``x``'s when a mask removed the others."""
         valid = routing.valid
         routed = dropped = None
         if self.capacity is not None:
             t, k = routing.expert_indices.shape
-            group_size = x.shape[-2] if self.capacity.group == "sequence" and x.dim() > 1 else t
+            per_sequence = self.capacity.group == "sequence" and x.dim() > 1
+            group_size = x.shape[-2] if per_sequence else t
             priority = None
             if self.capacity.policy == "priority":
                 w = routing.combine_weights.detach()
@@ -231,8 +235,21 @@ class MoELayer(nn.Module):
                     w = w.masked_fill(~valid, -torch.inf)
                 priority = w.amax(1)
             cap = self.capacity.per_expert(group_size, k, self.num_experts)
-            keep = capacity_mask(routing.expert_indices, valid, self.num_experts, cap,
+            experts, chosen = routing.expert_indices, valid
+            if per_sequence and kept is not None:
+                # The routed tokens back in their sequences; padding pairs take no capacity.
+                full = x.shape[:-1].numel()
+                experts = experts.new_zeros(full, k).index_copy(0, kept, experts)
+                mine = torch.ones_like(experts[: kept.numel()], dtype=torch.bool)
+                chosen = torch.zeros_like(experts, dtype=torch.bool).index_copy(
+                    0, kept, mine if valid is None else valid)
+                if priority is not None:
+                    priority = priority.new_full((full,), -torch.inf).index_copy(0, kept,
+                                                                                  priority)
+            keep = capacity_mask(experts, chosen, self.num_experts, cap,
                                  group_size=group_size or None, priority=priority)
+            if experts is not routing.expert_indices:
+                keep = keep.index_select(0, kept)
             routed = (valid.sum() if valid is not None
                       else torch.tensor(t * k, device=keep.device))
             dropped = routed - keep.sum()
@@ -245,13 +262,14 @@ class MoELayer(nn.Module):
 
     def routed_experts(
         self, tokens: Tensor, x: Tensor, token_ids: Tensor | None = None,
-        sequence_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None, kept: Tensor | None = None,
     ) -> Tensor:
         """The mixture of the routed experts, ``[T, d] -> [T, d_out]``; sets :attr:`aux_loss`
         and :attr:`stats`. ``x`` is the unflattened input (for per-sequence capacity);
-        ``token_ids`` and ``sequence_ids`` are ``[T]``, for the routers that use them."""
+        ``token_ids`` and ``sequence_ids`` are ``[T]``, for the routers that use them;
+        ``kept`` indexes ``tokens`` among ``x``'s when a mask removed the others."""
         routing = self._route(tokens, token_ids, sequence_ids)
-        valid, routed, dropped = self._pairs_to_compute(routing, x)
+        valid, routed, dropped = self._pairs_to_compute(routing, x, kept)
         y, routes = dispatch_combine(
             tokens, routing.expert_indices, routing.combine_weights, self.experts, valid
         )
@@ -294,7 +312,7 @@ class MoELayer(nn.Module):
             tokens = tokens.index_select(0, kept)  # [T', d]
             token_ids = None if token_ids is None else token_ids[kept]
             sequence_ids = None if sequence_ids is None else sequence_ids[kept]
-        y = self.routed_experts(tokens, x, token_ids, sequence_ids)
+        y = self.routed_experts(tokens, x, token_ids, sequence_ids, kept)
         y = self.add_dense_paths(tokens, y)
         if self.output_activation is not None:
             y = self.output_activation(y)

@@ -75,12 +75,20 @@ class Router(nn.Module):
     ``num_experts`` experts and set ``d_model`` and ``num_experts``.
 
     A router whose decision depends on the token ids rather than the features (hash routing)
-    sets ``uses_token_ids = True`` and implements ``forward(x, token_ids [T])``.
+    sets ``uses_token_ids = True`` and implements ``forward(x, token_ids [T])``. A router
+    whose loss is computed per sequence sets ``uses_sequences = True`` and implements
+    ``forward(x, sequence_ids [T])``; the layer numbers the sequences (the last-but-one
+    dimension of its input indexes the tokens of one sequence).
+
+    A router that fills :attr:`Routing.sums` implements ``balance_loss(sums) -> Tensor``,
+    the auxiliary loss of those sums, which global-batch balancing calls on the sums of a
+    whole global batch.
     """
 
     num_experts: int
     d_model: int
     uses_token_ids: bool = False
+    uses_sequences: bool = False
 
 
 class GateHiddenLayer(nn.Module):

@@ -97,7 +97,7 @@ class DeepSeekV3Router(LinearRouter):
     def __init__(
         self, d_model: int, num_experts: int, k: int = 2, *, groups: int = 1,
         top_groups: int = 1, normalize: bool = True, routed_scaling_factor: float = 1.0,
-        bias_update_speed: float = 1e-3, w_sequence: float = 0.0, w_importance: float = 0.0,
+        bias_update_speed: float = 1e-3, w_sequence: float = 1e-4, w_importance: float = 0.0,
         w_switch: float = 0.0, w_z: float = 0.0, bias: bool = False,
     ) -> None:
         super().__init__(d_model, num_experts, w_importance=w_importance, w_switch=w_switch,
