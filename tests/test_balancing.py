@@ -88,7 +88,7 @@ def test_global_batch_errors():
     with balancing.GlobalBatchBalancing(hashed), pytest.raises(TypeError, match="Routing.sums"):
         hashed(torch.randn(5, D), token_ids=torch.arange(5))
     deepseek = MoELayer(routers.DeepSeekV3Router(D, 4), FeedForwardExperts(4, D, 4))
-    with balancing.GlobalBatchBalancing(deepseek), pytest.raises(ValueError, match="w_sequence"):
+    with balancing.GlobalBatchBalancing(deepseek), pytest.raises(TypeError, match="w_sequence"):
         deepseek(torch.randn(5, D))
     with balancing.GlobalBatchBalancing(deepseek), pytest.raises(RuntimeError, match="already"):
         balancing.GlobalBatchBalancing(deepseek).__enter__()

@@ -37,11 +37,9 @@ class _Accumulator:
     def aux_loss(self, router: Router, routing: Routing) -> Tensor:
         if routing.sums is None:
             raise TypeError(f"global-batch balancing needs a router whose loss is computed from "
-                            f"sums over tokens (Routing.sums); {type(router).__name__} has none")
-        if getattr(router, "w_sequence", 0):
-            raise ValueError(f"the sequence-wise loss is per sequence, not a global-batch loss; "
-                             f"set w_sequence=0 under global-batch balancing, got "
-                             f"w_sequence={router.w_sequence}")
+                            f"sums over tokens (Routing.sums); {type(router).__name__} gives "
+                            f"none (with its options: a loss per sequence, per token order or "
+                            f"without sums; DeepSeekV3Router needs w_sequence=0)")
         self.sums = routing.sums if self.sums is None else self.sums + routing.sums
         sums = self.sums
         if self.group is not None:

@@ -143,7 +143,7 @@ class DeepSeekV3Router(LinearRouter):
             if sequence_ids is None:
                 sequence_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             seq = MF.sequence_balance_loss(scores, choice, sequence_ids)
-            r = r._replace(aux_loss=r.aux_loss + self.w_sequence * seq)
+            r = r._replace(aux_loss=r.aux_loss + self.w_sequence * seq, sums=None)  # per sequence
         return r
 
     @torch.no_grad()
