@@ -176,7 +176,7 @@ def test_bad_conversions():
         to_transformers(layer, transformers.BertConfig())
     with pytest.raises(TypeError, match="a DeepSeek-V3 block needs a SharedExpertMoE"):
         to_transformers(layer, CONFIGS["deepseek_v3"][0]())
-    config, block = random_block("deepseek_v3")
+    _, block = random_block("deepseek_v3")
     with pytest.raises(ValueError, match="config topk_group is 3 but the layer has 2"):
         to_transformers(from_transformers(block), DeepseekV3Config(
             hidden_size=D, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3,
@@ -186,7 +186,7 @@ def test_bad_conversions():
 def test_deepseek_v3_bias_changes_the_choice_not_the_gates():
     """The correction bias moves experts in and out of the top-k; the converted layer follows
     it, and its output is the block's with and without the bias."""
-    config, block = random_block("deepseek_v3", seed=4)
+    _, block = random_block("deepseek_v3", seed=4)
     layer = from_transformers(block).eval()
     assert torch.equal(layer.router.expert_bias, block.gate.e_score_correction_bias)
     x = torch.randn(2, 25, D)

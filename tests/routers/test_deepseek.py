@@ -13,7 +13,7 @@ from helpers import (
 )
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import naive_aux, ranked_experts
+from reference import naive_aux
 
 from sparsemoe import balancing, functional
 from sparsemoe.routers import DeepSeekV3Router
@@ -162,7 +162,8 @@ def test_bias_update_against_hand_computation_over_steps():
         load = [0.0] * 4
         load[chosen] = 4.0
         mean = sum(load) / 4
-        hand_bias = [b + 0.2 * ((mean > v) - (mean < v)) for b, v in zip(hand_bias, load)]
+        hand_bias = [b + 0.2 * ((mean > v) - (mean < v))
+                     for b, v in zip(hand_bias, load, strict=True)]
         used = router.update_bias()
         assert used.tolist() == load, step
         torch.testing.assert_close(router.expert_bias, torch.tensor(hand_bias), rtol=0,

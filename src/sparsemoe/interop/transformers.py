@@ -153,7 +153,8 @@ def from_transformers(block: nn.Module) -> MoELayer:
 
     Returns:
         An :class:`~sparsemoe.layers.MoELayer` (a :class:`~sparsemoe.shared.SharedExpertMoE`
-        for Qwen2-MoE and DeepSeek-V3) with copies of the block's weights, on the block's device and dtype.
+        for Qwen2-MoE and DeepSeek-V3) with copies of the block's weights, on the block's
+        device and dtype.
         Set ``.eval()`` on both for identical outputs.
     """
     name = type(block).__name__
