@@ -25,10 +25,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..balancing import update_expert_biases
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..layers import MoELayer, aux_loss
 from ..models.lstm_lm import (
@@ -277,6 +279,9 @@ class Trainer:
         loss.backward()
         self.processes.clip_grad_norm_(self.model, self.cfg.clip)
         self.opt.step()
+        if self.model_cfg.balancing == "aux-free":  # the bias step, over every rank's load
+            update_expert_biases(self.model,
+                                 dist.group.WORLD if self.processes.world_size > 1 else None)
         self.sched.step()
         self.state = tuple((h.detach(), c.detach()) for h, c in state)
         for stats in exchange_stats(self.model):
