@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from sparsemoe.data import load_corpus
-from sparsemoe.experiments.lm import Trainer, TrainConfig
+from sparsemoe.experiments.lm import TrainConfig, Trainer
 from sparsemoe.models.lstm_lm import BALANCINGS
 
 
