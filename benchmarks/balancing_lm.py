@@ -17,7 +17,7 @@ import statistics
 import torch
 
 from sparsemoe.data import load_corpus
-from sparsemoe.experiments.lm import TrainConfig, Trainer
+from sparsemoe.experiments.lm import LMTrainConfig, Trainer
 from sparsemoe.models.lstm_lm import BALANCINGS
 
 
@@ -31,16 +31,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/balancing")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base = TrainConfig(preset=args.preset, steps=args.steps, warmup=max(1, args.steps // 5),
-                       eval_every=args.steps)
+    base = LMTrainConfig(preset=args.preset, steps=args.steps, warmup=max(1, args.steps // 5),
+                         eval_every=args.steps)
     corpus = load_corpus(base.corpus, base.vocab_size)
     rows = []
     for kind in args.balancings.split(","):
         runs = []
         for seed in args.seeds:
-            cfg = TrainConfig(**{**base.__dict__, "model": {"balancing": kind,
-                                                             "dropout": args.dropout},
-                                 "seed": seed, "out": f"{args.out}/{kind}-seed{seed}"})
+            cfg = LMTrainConfig(**{**base.__dict__, "model": {"balancing": kind,
+                                                               "dropout": args.dropout},
+                                   "seed": seed, "out": f"{args.out}/{kind}-seed{seed}"})
             runs.append(Trainer(cfg, corpus).run())
         rows.append((kind, runs))
     print(f"\n{args.preset}, {args.steps} steps of {base.batch_size}×{base.bptt} tokens, "

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sparsemoe.data import load_digit_set
-from sparsemoe.experiments.dmoe import JitteredDigits, TrainConfig, train_model
+from sparsemoe.experiments.dmoe import DMoETrainConfig, JitteredDigits, train_model
 
 
 def summarise(runs: list[dict]) -> str:
@@ -58,7 +58,7 @@ def main() -> None:
     results: dict[tuple[str, float | None], list[dict]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as out:
         for seed in seeds:
-            base = TrainConfig(data=args.data, width=args.width, gate_hidden=args.gate_hidden,
+            base = DMoETrainConfig(data=args.data, width=args.width, gate_hidden=args.gate_hidden,
                                epochs=args.epochs, finetune_epochs=args.finetune_epochs,
                                lr=args.lr, seed=seed)
             data = JitteredDigits.build(load_digit_set(args.data, seed=seed), seed)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from sparsemoe.data import load_corpus
-from sparsemoe.experiments.lm import TrainConfig, Trainer
+from sparsemoe.experiments.lm import LMTrainConfig, Trainer
 
 
 def main() -> None:
@@ -38,7 +38,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for bs in args.batch_sizes:
             trainers = {
-                name: Trainer(TrainConfig(preset=name, steps=1, batch_size=bs, bptt=args.bptt,
+                name: Trainer(LMTrainConfig(preset=name, steps=1, batch_size=bs, bptt=args.bptt,
                                           out=str(Path(tmp) / f"{name}-{bs}"),
                                           model={"dropout": 0.0}), corpus, progress=False)
                 for name in presets

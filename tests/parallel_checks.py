@@ -182,11 +182,11 @@ def counted_bytes(counts):
     layer = P.expert_parallel(top_k_layer())
     randomise_gates(layer, 0)
     x = slices(dist.get_world_size(), counts, 1)[rank].requires_grad_(True)
-    P.dist.all_to_all_single = counting
+    dist.all_to_all_single = counting
     try:
         layer(x).sum().backward()
     finally:
-        P.dist.all_to_all_single = original
+        dist.all_to_all_single = original
     (stats,) = P.exchange_stats(layer)
     per_row = layer.experts.local.multiply_adds_per_row
     return {"counted": sum(sent), "reported": stats.step_bytes_sent,
@@ -405,10 +405,10 @@ def check_errors(_counts):
     for name, make in {
         "indivisible": lambda: MoE(D, 2 * world + 1, k=2, hidden=HIDDEN,
                                    process_group=dist.group.WORLD),
-        "shard": lambda: P.expert_parallel(MoE(D, world, k=1, experts=[
+        "shard": lambda: P.expert_parallel(MoE(D, world, k=1, expert_modules=[
             nn.Linear(D, D) for _ in range(world)])),
         "experts_count": lambda: MoE(D, 2 * world, k=1, process_group=dist.group.WORLD,
-                                     experts=[nn.Linear(D, D) for _ in range(2 * world)]),
+                                     expert_modules=[nn.Linear(D, D) for _ in range(2 * world)]),
         "no_moe": lambda: P.expert_parallel(nn.Linear(D, D)),
         "group": lambda: P.GradientSync(P.expert_parallel(MoE(D, world, k=1, hidden=4)),
                                         group=dist.new_group(list(range(world)))),

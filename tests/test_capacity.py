@@ -16,14 +16,8 @@ from reference import (
 from torch import nn
 
 import sparsemoe
-from sparsemoe.dispatch import (
-    Capacity,
-    capacity_mask,
-    dispatch_combine,
-    equal_routes,
-    sort_by_expert,
-    unsort,
-)
+from sparsemoe.capacity import Capacity, capacity_mask
+from sparsemoe.dispatch import dispatch_combine, equal_routes, sort_by_expert, unsort
 from sparsemoe.experts import ModuleListExperts
 from sparsemoe.routers import TopKRouter
 
@@ -77,7 +71,7 @@ def test_capacity_formula_and_arguments():
         Capacity()
     with pytest.raises(ValueError, match="exactly one of factor= or tokens="):
         Capacity(factor=1.0, tokens=4)
-    with pytest.raises(ValueError, match="factor must be a number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"factor must be a number in \(0, inf\), got 0"):
         Capacity(factor=0)
     with pytest.raises(ValueError, match="tokens must be >= 0, got -1"):
         Capacity(tokens=-1)
@@ -227,7 +221,7 @@ def test_dropless_stats_and_capacity_argument():
     layer = layer_with(TopKRouter(4, 2, 1))
     layer(torch.randn(5, 4))
     assert layer.stats.routed_pairs is None and layer.stats.drop_fraction == 0.0
-    with pytest.raises(TypeError, match="capacity must be a sparsemoe.dispatch.Capacity or None, "
+    with pytest.raises(TypeError, match="capacity must be a sparsemoe.Capacity or None, "
                                         "got float"):
         layer_with(TopKRouter(4, 2, 1), capacity=1.25)
 
@@ -255,3 +249,12 @@ def test_paper_layers_take_a_capacity():
         layer(torch.randn(20, 4))
         assert int(layer.stats.tokens_per_expert.max()) <= 3
         assert int(layer.stats.dropped_pairs) == 40 - int(layer.stats.tokens_per_expert.sum())
+
+
+@pytest.mark.parametrize("name", ["Capacity", "capacity_mask", "DROP_POLICIES", "CAPACITY_GROUPS"])
+def test_capacity_names_in_dispatch_are_deprecated_aliases(name):
+    with pytest.warns(DeprecationWarning, match=f"sparsemoe.capacity.{name}"):
+        alias = getattr(sparsemoe.dispatch, name)
+    assert alias is getattr(sparsemoe.capacity, name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        sparsemoe.dispatch.not_a_name  # noqa: B018

@@ -116,3 +116,10 @@ def test_combine_with_every_pair_masked_returns_zeros():
     r = sort_by_expert(idx, 2, torch.zeros(3, 2, dtype=torch.bool))
     out = combine(torch.zeros(0, 4), torch.ones(3, 2), r)
     assert torch.equal(out, torch.zeros(3, 4))
+
+
+def test_routes_is_a_deprecated_name_of_sorted_pairs():
+    import sparsemoe.dispatch as D
+
+    with pytest.warns(DeprecationWarning, match="use sparsemoe.dispatch.SortedPairs"):
+        assert D.Routes is D.SortedPairs

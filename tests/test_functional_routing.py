@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 import sparsemoe.functional as MF
+from sparsemoe.routers.base_layers import balanced_assignment, balanced_capacities
+from sparsemoe.routers.strictly_balanced import batchwise_threshold_loss
 
 DOUBLE = torch.float64
 
@@ -70,7 +72,7 @@ def test_batchwise_threshold_loss_from_definition():
     x = torch.rand(9, 3, dtype=DOUBLE)
     thresholds = torch.tensor([0.3, 0.5, 0.8], dtype=DOUBLE, requires_grad=True)
     batch = MF.top_tokens_per_expert(x, 2)
-    loss = MF.batchwise_threshold_loss(x, thresholds, batch)
+    loss = batchwise_threshold_loss(x, thresholds, batch)
     t = thresholds.detach()
     expected = sum(
         ((1.0 if x[j, i] > t[i] else 0.0) - float(batch[j, i])) * float(x[j, i] - t[i])
@@ -84,9 +86,9 @@ def test_batchwise_threshold_loss_from_definition():
 
 
 def test_balanced_capacities():
-    assert MF.balanced_capacities(12, 4).tolist() == [3, 3, 3, 3]
-    assert MF.balanced_capacities(10, 4).tolist() == [3, 3, 2, 2]
-    assert MF.balanced_capacities(0, 3).tolist() == [0, 0, 0]
+    assert balanced_capacities(12, 4).tolist() == [3, 3, 3, 3]
+    assert balanced_capacities(10, 4).tolist() == [3, 3, 2, 2]
+    assert balanced_capacities(0, 3).tolist() == [0, 0, 0]
 
 
 def optimal_total(scores, capacities):
@@ -106,8 +108,8 @@ def test_balanced_assignment_is_optimal_and_balanced(t, n, seed, scale, integer)
         scores = torch.randint(-3, 4, (t, n), generator=g).double()
     else:
         scores = torch.randn(t, n, generator=g, dtype=DOUBLE) * scale
-    caps = MF.balanced_capacities(t, n)
-    a = MF.balanced_assignment(scores)
+    caps = balanced_capacities(t, n)
+    a = balanced_assignment(scores)
     assert torch.equal(torch.bincount(a, minlength=n), caps)
     total = float(scores[torch.arange(t), a].sum())
     best = optimal_total(scores, caps)
@@ -117,8 +119,23 @@ def test_balanced_assignment_is_optimal_and_balanced(t, n, seed, scale, integer)
 def test_balanced_assignment_examples():
     # every token prefers expert 0; exactly half must go to expert 1, the ones losing least
     scores = torch.tensor([[5.0, 0.0], [4.0, 3.9], [6.0, 1.0], [1.0, 0.5]])
-    assert MF.balanced_assignment(scores).tolist() == [0, 1, 0, 1]
+    assert balanced_assignment(scores).tolist() == [0, 1, 0, 1]
     caps = torch.tensor([3, 1])
-    assert MF.balanced_assignment(scores, caps).tolist() == [0, 1, 0, 0]
-    assert MF.balanced_assignment(torch.zeros(0, 3)).numel() == 0
-    assert MF.balanced_assignment(torch.randn(5, 1)).tolist() == [0] * 5
+    assert balanced_assignment(scores, caps).tolist() == [0, 1, 0, 0]
+    assert balanced_assignment(torch.zeros(0, 3)).numel() == 0
+    assert balanced_assignment(torch.randn(5, 1)).tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("name, module", [
+    ("balanced_assignment", "base_layers"), ("balanced_capacities", "base_layers"),
+    ("batchwise_threshold_loss", "strictly_balanced"), ("margin_constraint", "margin"),
+    ("MarginConstraint", "margin"),
+])
+def test_moved_functions_are_deprecated_aliases_in_functional(name, module):
+    import importlib
+
+    with pytest.warns(DeprecationWarning, match=f"use sparsemoe.routers.{module}.{name}"):
+        alias = getattr(MF, name)
+    assert alias is getattr(importlib.import_module(f"sparsemoe.routers.{module}"), name)
+    with pytest.raises(AttributeError, match="no attribute 'renormalize_masked'"):
+        MF.renormalize_masked  # noqa: B018

@@ -117,7 +117,7 @@ def test_module_list_experts_equal_stacked_experts():
             lin2.weight.copy_(stacked.experts.w2[e].T)
             lin2.bias.copy_(stacked.experts.b2[e])
         modules.append(nn.Sequential(lin1, nn.ReLU(), lin2))
-    general = sparsemoe.MoE(8, 4, 2, experts=modules).eval()
+    general = sparsemoe.MoE(8, 4, 2, expert_modules=modules).eval()
     general.router.load_state_dict(stacked.router.state_dict())
     x = torch.randn(3, 10, 8)
     torch.testing.assert_close(general(x), stacked(x), rtol=1e-6, atol=1e-6)
@@ -179,8 +179,8 @@ def test_bad_layer_arguments_and_inputs():
         sparsemoe.MoE(8, 4, 0, 8)
     with pytest.raises(ValueError, match="hidden .* is required"):
         sparsemoe.MoE(8, 4, 2)
-    with pytest.raises(ValueError, match="experts must hold num_experts = 4 modules, got 3"):
-        sparsemoe.MoE(8, 4, 2, experts=[nn.Linear(8, 8) for _ in range(3)])
+    with pytest.raises(ValueError, match="expert_modules must hold num_experts = 4 modules, got 3"):
+        sparsemoe.MoE(8, 4, 2, expert_modules=[nn.Linear(8, 8) for _ in range(3)])
     with pytest.raises(ValueError, match="k_secondary must be <= the number of experts"):
         sparsemoe.HierarchicalMoE(8, 2, 2, 1, 3, hidden=4)
     with pytest.raises(ValueError, match=r"output_activation must be one of .*got 'softmax'"):
@@ -236,3 +236,16 @@ def test_torch_compile_smoke():
     y = compiled(x)
     (y.sum() + layer.aux_loss).backward()
     assert layer.experts.w1.grad.abs().sum() > 0 and layer.router.w_noise.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cls, args", [(sparsemoe.MoE, (8, 4, 2)),
+                                       (sparsemoe.HierarchicalMoE, (8, 2, 2, 1, 1))])
+def test_experts_keyword_is_a_deprecated_name_of_expert_modules(cls, args):
+    modules = [nn.Linear(8, 8) for _ in range(4)]
+    with pytest.warns(DeprecationWarning, match=r"experts=\.\.\.\) is deprecated: use "
+                                                r"expert_modules="):
+        layer = cls(*args, experts=modules)
+    assert [e for e in layer.experts.experts] == modules
+    with pytest.raises(TypeError, match="got both experts= and expert_modules="), \
+            pytest.warns(DeprecationWarning):
+        cls(*args, experts=modules, expert_modules=modules)

@@ -61,7 +61,7 @@ def test_recompute_is_off_in_evaluation_and_named_in_errors():
     with pytest.raises(TypeError, match="recompute must be a bool, got str 'yes'"):
         sparsemoe.FeedForwardExperts(4, 16, 32, recompute="yes")
     with pytest.raises(ValueError, match="recompute=True applies to the feed-forward experts"):
-        sparsemoe.MoE(16, 2, 1, experts=[torch.nn.Linear(16, 16)] * 2, recompute=True)
+        sparsemoe.MoE(16, 2, 1, expert_modules=[torch.nn.Linear(16, 16)] * 2, recompute=True)
 
 
 # GradientBuffers: the expert banks' weight gradients written into reused memory.
@@ -109,6 +109,19 @@ def test_reused_gradient_memory_gives_torch_gradients(dtype, impl, tol):
         pointers.append((pooled.w1.grad.data_ptr(), pooled.w2.grad.data_ptr()))
     assert pointers[0] == pointers[1] == pointers[2]  # the same memory every step
     assert {k: len(v._buffers) for k, v in pooled.grad_buffers.items()} == {"w1": 1, "w2": 1}
+
+
+def test_without_torchs_storage_count_every_gradient_is_a_plain_allocation(monkeypatch):
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    pooled, plain, _, x = _bank_pair(torch.float64, "loop")
+    for step in range(2):
+        target = torch.randn(10, 8, dtype=torch.float64)
+        for bank in (pooled, plain):
+            bank.zero_grad(set_to_none=True)
+            _backward(bank, _routes(step), x, target)
+        for (name, p), q in zip(pooled.named_parameters(), plain.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-13, atol=1e-13, msg=name)
+    assert all(v.nbytes == 0 for v in pooled.grad_buffers.values())  # nothing pooled
 
 
 def test_gradients_in_use_are_never_overwritten():

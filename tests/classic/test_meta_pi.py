@@ -44,9 +44,9 @@ def test_fit_predicts_the_gated_sum_and_beats_linear_regression():
     mu = x[:, 0, None] * model.coef_[:, 0, 0] + model.intercept_[:, 0]
     np.testing.assert_allclose(model.predict(x), (g * mu).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(model.predict(x, hard=True), mu[np.arange(300), g.argmax(1)])
-    assert model.loss_ == pytest.approx(
-        0.5 * np.mean((model.predict(x) - y) ** 2)
-        + 0.5 * model.gate_alpha * np.sum(model.gate_.coef**2) / 300, rel=1e-9)
+    assert model.loss_ == pytest.approx(  # of the standardised problem
+        0.5 * np.mean(((model.predict(x) - y) / y.std()) ** 2)
+        + 0.5 * model.gate_alpha * np.sum((model.gate_.coef * x.std(0)) ** 2) / 300, rel=1e-9)
     assert model.score(x, y) > LinearRegression().fit(x, y).score(x, y) + 0.3
     assert model.score(x, y) > 0.98
 
@@ -54,3 +54,18 @@ def test_fit_predicts_the_gated_sum_and_beats_linear_regression():
 def test_needs_enough_samples():
     with pytest.raises(ValueError, match="needs n_samples >= 5, got n_samples = 3"):
         MetaPiRegressor(5).fit(np.zeros((3, 1)), np.zeros(3))
+
+
+@pytest.mark.parametrize(("x_scale", "y_scale"), [(1.0, 1e-8), (1.0, 1e8), (1e-8, 1.0),
+                                                  (1e8, 1.0), (1e3, 1e-5)])
+def test_fit_is_equivariant_to_the_scales_of_x_and_y(x_scale, y_scale):
+    """Standardised internally: scaling y scales the predictions, scaling X changes nothing
+    (up to where L-BFGS stops), and the fitted parameters describe the same function."""
+    x, y, _ = piecewise_linear(300)
+    base = MetaPiRegressor(3, random_state=0).fit(x, y)
+    scaled = MetaPiRegressor(3, random_state=0).fit(x * x_scale, y * y_scale)
+    np.testing.assert_allclose(scaled.predict(x * x_scale) / y_scale, base.predict(x),
+                               atol=5e-3 * y.std())
+    assert scaled.score(x * x_scale, y * y_scale) == pytest.approx(base.score(x, y), abs=1e-4)
+    np.testing.assert_allclose(scaled.gate_proba(x * x_scale), base.gate_proba(x), atol=5e-3)
+    assert scaled.loss_ == pytest.approx(base.loss_, rel=5e-2)

@@ -1,3 +1,4 @@
+import warnings
 import zipfile
 
 import pytest
@@ -45,3 +46,32 @@ def test_fetch_failure_is_explained(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "dist" / "nosuch-9.9-wheel").exists()
     with pytest.raises(ValueError, match="kind must be one of"):
         fetch_distribution("x", "1", kind="egg")
+
+
+def test_a_damaged_cached_download_is_named_and_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEMOE_CACHE", str(tmp_path / "cache"))
+    index = tmp_path / "index"
+    index.mkdir()
+    original = make_wheel(index).read_bytes()
+    path = fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index)
+    manifest = path.parent.with_name(path.parent.name + ".sha256")  # beside the folder
+    assert manifest.read_text().split()[1:] == [str(len(original)), path.name]
+    for damage, message in (
+            (lambda: path.write_bytes(original[:100]),
+             f"{path} has 100 bytes, {len(original)} were downloaded"),
+            (lambda: path.write_bytes(original[:50] + b"X" + original[51:]),
+             f"{path} does not match the SHA-256 recorded"),
+            (lambda: path.unlink(), f"{path} is missing"),
+            # cached before the records existed: a damaged archive is found by reading it
+            (lambda: (manifest.unlink(), path.write_bytes(original[:-30])),
+             f"{path} cannot be read completely")):
+        damage()
+        with pytest.warns(RuntimeWarning, match=f"the cached download {message}"):
+            again = fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index)
+        assert again == path and again.read_bytes() == original
+    manifest.unlink()  # an intact archive cached before the records existed is adopted
+    (index / path.name).unlink()  # (not downloaded again)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fetch_distribution("fakedata", "1.0", kind="wheel", find_links=index) == path
+    assert manifest.read_text().split()[1:] == [str(len(original)), path.name]

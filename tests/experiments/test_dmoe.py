@@ -12,8 +12,8 @@ from sparsemoe.cli import main
 from sparsemoe.data import load_digit_set, place_on_canvas
 from sparsemoe.experiments.dmoe import (
     MODELS,
+    DMoETrainConfig,
     JitteredDigits,
-    TrainConfig,
     entropy,
     expected_chance_mi,
     gate_analysis,
@@ -81,7 +81,7 @@ def test_cli_train_and_report_on_8x8_digits(tmp_path, capsys):
     assert "dmoe: test error" in printed and "single: test error" in printed
     run = json.loads((tmp_path / "runs" / "dmoe" / "metrics.json").read_text())
     assert run["test_error"] < 0.28 and run["data"] == "digits8"
-    assert len(run["curve"]) == 25 and run["config"]["margin"] == TrainConfig.margin
+    assert len(run["curve"]) == 25 and run["config"]["margin"] == DMoETrainConfig.margin
     layer1, layer2 = run["layers"]
     assert layer1["mi_offset"] > 0.5 and layer1["mi_class"] < 0.1
     assert layer2["mi_class"] > 3 * layer1["mi_class"]
@@ -93,10 +93,16 @@ def test_cli_train_and_report_on_8x8_digits(tmp_path, capsys):
     assert (tmp_path / "runs" / "results.md").read_text().strip() == table.strip()
 
 
-def test_bad_experiment_arguments(tmp_path):
+def test_bad_experiment_arguments(tmp_path, capsys):
     from sparsemoe.experiments.dmoe import train
 
     with pytest.raises(ValueError, match=r"models must be among .* got \['moe'\]"):
-        train(["moe"], TrainConfig(data="digits8"), tmp_path)
-    with pytest.raises(FileNotFoundError, match="run `sparsemoe dmoe train` first"):
+        train(["moe"], DMoETrainConfig(data="digits8"), tmp_path)
+    with pytest.raises(SystemExit) as exited:  # one line on stderr, no traceback
         main(["dmoe", "report", "--runs", str(tmp_path)])
+    assert exited.value.code == 1
+    assert "run `sparsemoe dmoe train` first" in capsys.readouterr().err
+    for field, value in (("epochs", 0), ("finetune_epochs", -1), ("width", 0), ("lr", 0.0),
+                         ("batch_size", 0), ("margin", -1.0)):
+        with pytest.raises(ValueError, match=f"{field} must be"):
+            DMoETrainConfig(**{field: value})

@@ -14,12 +14,13 @@ from torch import nn
 import sparsemoe
 from sparsemoe.cli import main
 from sparsemoe.experiments.lm import (
-    TrainConfig,
+    LMTrainConfig,
     Trainer,
     evaluate,
     evaluate_checkpoint,
     lr_factor,
 )
+from sparsemoe.experiments.runs import RunError
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def corpus_file(tmp_path_factory):
 
 
 def tiny_config(corpus_file, out, **kw):
-    return TrainConfig(corpus=(corpus_file,), vocab_size=None, preset=None,
+    return LMTrainConfig(corpus=(corpus_file,), vocab_size=None, preset=None,
                        model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8},
                        batch_size=4, bptt=5, steps=6, eval_every=2, eval_tokens=200,
                        warmup=3, out=str(out), **kw)
@@ -89,7 +90,8 @@ def test_resume_is_exact(corpus_file, tmp_path, optimizer):
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="written by a different configuration"):
+    with pytest.raises(RunError, match=r"written by a different configuration "
+                                       r"\(lr: saved 0.002, now 1.0\)"):
         Trainer(replace(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), lr=1.0),
                 progress=False)
 
@@ -123,14 +125,15 @@ def test_cli_train_eval_compare_end_to_end(corpus_file, tmp_path, capsys):
         assert (out / png).stat().st_size > 1000
 
 
-def test_train_needs_a_model(corpus_file, tmp_path):
-    with pytest.raises(SystemExit, match="give --preset NAME or a model"):
+def test_train_needs_a_model(corpus_file, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="2"):
         main(["lm", "train", "--corpus", corpus_file, "--out", str(tmp_path)])
+    assert "give --preset NAME or a model" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give steps or time_budget"):
-        TrainConfig(steps=None)
+        LMTrainConfig(steps=None)
     with pytest.raises(ValueError, match=r"optimizer must be one of \('adam', "
                                          r"'factored-adam'\), got 'sgd'"):
-        TrainConfig(optimizer="sgd")
+        LMTrainConfig(optimizer="sgd")
 
 
 def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpus_file,
@@ -182,3 +185,47 @@ def test_aux_free_training_moves_the_bias_every_step(corpus_file, tmp_path):
         assert bool((((step_taken - 1e-3).abs() < 1e-7) | (step_taken == 0)).all()), step
         assert step_taken.sum() > 0
         assert router.load_since_update.sum() == 0
+
+
+def test_cli_flags_are_the_config_fields_and_its_errors_usage_errors(capsys, tmp_path):
+    import dataclasses
+
+    with pytest.raises(SystemExit, match="0"):
+        main(["lm", "train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(LMTrainConfig):
+        if f.name not in ("preset", "model"):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+    assert "parallel streams (default: 32)" in text  # the field's help and default
+    for flags, message in [(["--preset", "MoE-7"], "preset must be one of"),
+                           (["--preset", "MoE-4", "--lr", "-1"],
+                            "lr must be a number in (0, inf), got -1.0"),
+                           (["--presets", "MoE-4,MoE-7"], "preset must be one of")]:
+        command = "compare" if flags[0] == "--presets" else "train"
+        with pytest.raises(SystemExit, match="2"):
+            main(["lm", command, "--out", str(tmp_path), *flags])
+        err = capsys.readouterr().err
+        assert f"usage: sparsemoe lm {command}" in err and message in err
+
+
+def test_train_config_is_a_deprecated_name():
+    import sparsemoe.experiments.dmoe as dmoe
+    import sparsemoe.experiments.lm as lm
+
+    with pytest.warns(DeprecationWarning, match="use LMTrainConfig"):
+        assert lm.TrainConfig is LMTrainConfig
+    with pytest.warns(DeprecationWarning, match="use DMoETrainConfig"):
+        assert dmoe.TrainConfig is dmoe.DMoETrainConfig
+
+
+def test_cli_reports_a_missing_corpus_or_checkpoint_as_a_usage_error(tmp_path, capsys):
+    missing = str(tmp_path / "missing.txt")
+    for argv, message in [
+        (["lm", "train", "--preset", "MoE-4", "--corpus", missing, "--out", str(tmp_path)],
+         f"corpus: {missing} is not a file"),
+        (["lm", "eval", "--checkpoint", str(tmp_path)], "checkpoint: no checkpoint.pt in"),
+    ]:
+        with pytest.raises(SystemExit, match="2"):
+            main(argv)
+        err = capsys.readouterr().err
+        assert f"usage: sparsemoe lm {argv[1]}" in err and message in err

@@ -6,9 +6,9 @@ from helpers import check_against_reference, reference_experts
 from reference import dense_moe
 from scipy.optimize import linear_sum_assignment
 
-import sparsemoe.functional as MF
 from sparsemoe import BASELayer, FeedForwardExperts
 from sparsemoe.routers import BASERouter, TopKRouter
+from sparsemoe.routers.base_layers import balanced_capacities
 
 
 def base_layer(d, n, hidden=6):
@@ -21,7 +21,7 @@ def base_reference(layer, p, x, noise):
     scores = x @ p["router.w_gate"]
     t, n = scores.shape
     if layer.training:
-        caps = MF.balanced_capacities(t, n)
+        caps = balanced_capacities(t, n)
         cols = torch.repeat_interleave(torch.arange(n), caps)
         rows, picked = linear_sum_assignment(-scores[:, cols].detach().numpy())
         assign = [0] * t

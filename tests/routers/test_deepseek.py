@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import naive_aux
 
-from sparsemoe import balancing, functional
-from sparsemoe.routers import DeepSeekV3Router
+from sparsemoe import balancing
+from sparsemoe.routers import DeepSeekV3Router, deepseek
 
 
 def naive_choice(selection, k, groups, top_groups):
@@ -130,14 +130,14 @@ def test_sequence_balance_loss_against_the_definition():
     scores = torch.rand(11, 5, generator=g, dtype=torch.float64).requires_grad_(True)
     choice = torch.stack([torch.randperm(5, generator=g)[:2] for _ in range(11)])
     seqs = torch.tensor([4, 4, 4, 0, 0, 9, 9, 9, 9, 9, 7])  # any ids, any order
-    got = functional.sequence_balance_loss(scores, choice, seqs)
+    got = deepseek.sequence_balance_loss(scores, choice, seqs)
     expected = naive_sequence_loss(scores, choice.tolist(), seqs.tolist())
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(got, scores)[0],
                                torch.autograd.grad(expected, scores)[0], rtol=1e-12, atol=1e-12)
     # perfectly balanced: every expert chosen equally often with equal affinities -> 1
     even = torch.ones(4, 4, dtype=torch.float64)
-    assert float(functional.sequence_balance_loss(
+    assert float(deepseek.sequence_balance_loss(
         even, torch.tensor([[0], [1], [2], [3]]), torch.zeros(4, dtype=torch.long))) == 1.0
 
 
@@ -202,5 +202,12 @@ def test_deepseek_router_trains_and_checks_its_arguments():
         DeepSeekV3Router(5, 8, groups=2, top_groups=3)
     with pytest.raises(ValueError, match=r"k must be <= .* = 4, got 5"):
         DeepSeekV3Router(5, 8, 5, groups=2, top_groups=1)
-    with pytest.raises(ValueError, match="routed_scaling_factor must be a number > 0"):
+    with pytest.raises(ValueError, match=r"routed_scaling_factor must be a number in \(0, inf\)"):
         DeepSeekV3Router(5, 8, routed_scaling_factor=0.0)
+    # finite and >= 0, as main's router arguments
+    for name in ("routed_scaling_factor", "bias_update_speed", "w_sequence"):
+        for bad in (float("inf"), float("nan"), -1.0):
+            with pytest.raises(ValueError, match=rf"{name} must be a number in"):
+                DeepSeekV3Router(5, 8, **{name: bad})
+    with pytest.raises(TypeError, match="normalize must be a bool"):
+        DeepSeekV3Router(5, 8, normalize=1)

@@ -25,9 +25,9 @@ def hidden_gates(layer, p, x):
 
 
 @pytest.mark.parametrize("make", [
-    lambda: SoftmaxRouter(7, 4, hidden=5, bias=True),
-    lambda: SoftmaxRouter(7, 1, hidden=3, w_importance=0.1),
-    lambda: TopKRouter(7, 5, 2, hidden=6, bias=True, w_importance=0.1),
+    lambda: SoftmaxRouter(7, 4, gate_hidden=5, bias=True),
+    lambda: SoftmaxRouter(7, 1, gate_hidden=3, w_importance=0.1),
+    lambda: TopKRouter(7, 5, 2, gate_hidden=6, bias=True, w_importance=0.1),
 ], ids=["softmax", "one-expert", "top-2"])
 @pytest.mark.parametrize("t", [0, 13])
 def test_hidden_layer_gates_equal_reference(make, t):
@@ -41,7 +41,7 @@ def test_hidden_layer_gates_equal_reference(make, t):
 
 def test_gates_are_distributions_of_the_right_shape():
     torch.manual_seed(0)
-    r = SoftmaxRouter(12, 4, hidden=50, bias=True)
+    r = SoftmaxRouter(12, 4, gate_hidden=50, bias=True)
     out = r(torch.randn(9, 12))
     assert r.gate_hidden.w_hidden.shape == (12, 50) and r.w_gate.shape == (50, 4)
     assert out.expert_indices.tolist() == [[0, 1, 2, 3]] * 9
@@ -52,7 +52,7 @@ def test_gates_are_distributions_of_the_right_shape():
 
 def test_noisy_top_k_with_hidden_layer_equals_reference():
     torch.manual_seed(0)
-    layer = layer_with(NoisyTopKRouter(6, 5, 2, hidden=4))
+    layer = layer_with(NoisyTopKRouter(6, 5, 2, gate_hidden=4))
     with torch.no_grad():
         layer.router.w_gate.normal_()
         layer.router.w_noise.normal_(std=0.5)
@@ -70,7 +70,43 @@ def test_hidden_layer_init_and_arguments():
     layer = GateHiddenLayer(16, 50)
     assert layer.w_hidden.abs().max() <= 0.25 and layer.b_hidden.abs().max() <= 0.25
     assert SoftmaxRouter(16, 4).gate_hidden is None
-    with pytest.raises(ValueError, match="hidden must be >= 1, got 0"):
-        SoftmaxRouter(4, 2, hidden=0)
-    with pytest.raises(TypeError, match="hidden must be an int, got float 5.0"):
-        NoisyTopKRouter(4, 2, 1, hidden=5.0)
+    with pytest.raises(ValueError, match="gate_hidden must be >= 1, got 0"):
+        SoftmaxRouter(4, 2, gate_hidden=0)
+    with pytest.raises(TypeError, match="gate_hidden must be an int, got float 5.0"):
+        NoisyTopKRouter(4, 2, 1, gate_hidden=5.0)
+
+
+@pytest.mark.parametrize("cls, args", [(SoftmaxRouter, (6, 4)), (TopKRouter, (6, 4, 2)),
+                                       (NoisyTopKRouter, (6, 4, 2))])
+def test_hidden_is_a_deprecated_name_of_gate_hidden(cls, args):
+    torch.manual_seed(0)
+    with pytest.warns(DeprecationWarning, match=r"hidden=\.\.\.\) is deprecated: use gate_hidden="):
+        old = cls(*args, hidden=5)
+    torch.manual_seed(0)
+    new = cls(*args, gate_hidden=5)
+    assert old.state_dict().keys() == new.state_dict().keys()
+    for key, value in new.state_dict().items():
+        assert torch.equal(old.state_dict()[key], value), key
+    with pytest.raises(TypeError, match="got both hidden= and gate_hidden="), \
+            pytest.warns(DeprecationWarning):
+        cls(*args, hidden=5, gate_hidden=5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TopKRouter(4, 2, 1, normalize=1), "normalize must be a bool, got int 1"),
+    (lambda: SoftmaxRouter(4, 2, bias="yes"), "bias must be a bool, got str 'yes'"),
+    (lambda: NoisyTopKRouter(4, 2, 1, noisy_gating=None), "noisy_gating must be a bool"),
+])
+def test_router_flags_are_checked(make, message):
+    with pytest.raises(TypeError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("name", ["noise_epsilon", "w_importance", "w_load"])
+def test_noisy_router_weights_are_checked(name):
+    from sparsemoe.routers import HierarchicalNoisyTopKRouter
+
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, inf\), got -1"):
+        NoisyTopKRouter(4, 2, 1, **{name: -1})
+    with pytest.raises(ValueError, match=rf"{name} must be a number in \[0, inf\), got -1"):
+        HierarchicalNoisyTopKRouter(4, 2, 2, 1, 1, **{name: -1})

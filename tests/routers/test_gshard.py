@@ -75,3 +75,8 @@ def test_gradient_and_arguments():
     assert_router_gets_gradient(layer_with(GShardRouter(6, 4)), torch.randn(30, 6))
     with pytest.raises(ValueError, match="num_experts must be >= 2 for top-2 gating, got 1"):
         GShardRouter(4, 1)
+
+
+def test_random_second_eval_is_checked():
+    with pytest.raises(TypeError, match="random_second_eval must be a bool, got str 'no'"):
+        GShardRouter(4, 2, random_second_eval="no")

@@ -5,13 +5,13 @@ import torch
 from helpers import check_against_reference, gate_reference, layer_with
 from reference import dense_gates, naive_gate_network, naive_margin_constraint
 
-import sparsemoe.functional as MF
 from sparsemoe.routers import HashRouter, MarginConstrainedRouter, SoftmaxRouter, TopKRouter
+from sparsemoe.routers.margin import margin_constraint
 
 
 def biased_router(d=6, n=4, favourite=0, hidden=None):
     """A softmax gate that gives most of every example to one expert (the degenerate case)."""
-    router = SoftmaxRouter(d, n, bias=True, hidden=hidden)
+    router = SoftmaxRouter(d, n, bias=True, gate_hidden=hidden)
     with torch.no_grad():
         router.b_gate[favourite] = 4.0
     return router
@@ -23,7 +23,7 @@ def test_dense_constraint_equals_reference(margin):
     gates = torch.randn(40, 5).mul(2).softmax(-1).double()
     totals = torch.tensor([0.0, 2.0, -1.0, 0.5, 0.0], dtype=torch.float64)
     grid = torch.arange(5).expand(40, 5)
-    out = MF.margin_constraint(grid, gates, totals, margin)
+    out = margin_constraint(grid, gates, totals, margin)
     mask, ref, ref_totals = naive_margin_constraint(gates, totals.tolist(), margin)
     assert torch.equal(out.mask, mask)
     torch.testing.assert_close(out.combine_weights, ref, rtol=0, atol=1e-15)
@@ -39,7 +39,7 @@ def test_top_k_grid_and_validity_mask():
     idx = torch.tensor([[0, 1], [0, 1], [2, 3], [0, 1]])
     w = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.9, 0.1], [0.5, 0.5]])
     valid = torch.tensor([[True, True], [True, True], [True, False], [True, True]])
-    out = MF.margin_constraint(idx, w, torch.zeros(4, dtype=torch.float64), 0.2, valid)
+    out = margin_constraint(idx, w, torch.zeros(4, dtype=torch.float64), 0.2, valid)
     # after token 0 the totals are .5 .5 0 0: experts 0 and 1 are .25 above the mean, more
     # than m = .2, so token 1 (choices 0 and 1) keeps none
     assert out.mask.tolist() == [[True, True], [False, False], [True, False], [True, True]]

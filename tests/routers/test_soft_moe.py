@@ -74,3 +74,30 @@ def test_soft_moe_arguments():
         soft_layer(6, 2, 1)(torch.randn(6))
     with pytest.raises(ValueError, match="slots_per_expert must be >= 1, got 0"):
         SoftMoERouter(4, 2, 0)
+
+
+def test_soft_moe_implements_the_layer_protocol_without_moe_layers_forward():
+    from torch import nn
+
+    from sparsemoe import MoELayer, MoEModule, aux_loss
+
+    layer = soft_layer(4, 3, 2)
+    assert isinstance(layer, MoEModule) and not isinstance(layer, MoELayer)
+    model = nn.Sequential(nn.Linear(4, 4), layer)
+    model(torch.randn(2, 5, 4))
+    assert aux_loss(model).item() == 0.0
+    assert layer.stats.tokens_per_expert.tolist() == [2 * 2] * 3  # p slots per input, 2 inputs
+
+
+def test_soft_moe_router_normalize_is_checked():
+    with pytest.raises(TypeError, match="normalize must be a bool, got int 0"):
+        SoftMoERouter(4, 2, normalize=0)
+
+
+def test_soft_routing_is_a_deprecated_name_of_soft_moe_weights():
+    from sparsemoe import routers
+
+    with pytest.warns(DeprecationWarning, match="use sparsemoe.routers.SoftMoEWeights"):
+        assert routers.SoftRouting is routers.SoftMoEWeights
+    with pytest.raises(AttributeError, match="no attribute 'SoftRoutes'"):
+        routers.SoftRoutes  # noqa: B018

@@ -11,7 +11,7 @@ from helpers import (
 )
 from reference import naive_aux, naive_capacity, naive_softmax
 
-from sparsemoe.dispatch import Capacity
+from sparsemoe.capacity import Capacity
 from sparsemoe.routers import SwitchRouter
 
 

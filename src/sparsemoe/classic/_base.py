@@ -7,10 +7,10 @@ fitting loop (``n_init`` restarts, E-step/M-step, the convergence test on the ob
 subclass supplies the gate (flat softmax or tree), the expert family, and how targets are
 validated and encoded.
 
-The model (papers.md §3): ``P(y | x) = Σ_leaf g_leaf(x) P_leaf(y | x)``. The objective, maximised
-by both solvers, is the log-likelihood minus the ridge penalties of the gate (``gate_alpha``) and
-of classification experts (``alpha``), i.e. a MAP estimate under Gaussian priors; with both
-penalties zero it is the log-likelihood itself.
+The model (Jordan & Jacobs 1994): ``P(y | x) = Σ_leaf g_leaf(x) P_leaf(y | x)``. The
+objective, maximised by both solvers, is the log-likelihood minus the ridge penalties of the
+gate (``gate_alpha``) and of classification experts (``alpha``), i.e. a MAP estimate under
+Gaussian priors; with both penalties zero it is the log-likelihood itself.
 """
 
 from __future__ import annotations

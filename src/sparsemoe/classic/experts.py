@@ -380,7 +380,7 @@ class StudentTExperts(_LinearExperts):
 
 class MultinomialLogitExperts(_StackedWeights):
     """Classification experts ``P_i(y = c | x) = softmax(x̃ W_i)_c``: logistic regression for two
-    classes, multinomial logistic for more (Jordan & Jacobs 1994; papers.md §3).
+    classes, multinomial logistic for more (Jordan & Jacobs 1994).
 
     EM M-step: each expert is a multinomial logit fitted to the one-hot labels with sample
     weights ``R_ni`` and ridge ``alpha`` (L-BFGS on the IRLS objective, never worse than the

@@ -64,7 +64,7 @@ class _LogitGate:
 
 class SoftmaxGate(_LogitGate):
     """The multinomial-logit gate ``g_i(x) = softmax(x̃ V)_i`` over ``n_experts`` (Jacobs et al.
-    1991, eq. for w(x)_i in papers.md §3).
+    1991, the gating network's w(x)_i).
 
     Attributes
     ----------

@@ -22,6 +22,26 @@ def add_intercept(X: np.ndarray) -> np.ndarray:
     return np.hstack([X, np.ones((X.shape[0], 1))])
 
 
+def standardisation(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and standard deviations of ``A: [n, c]`` (a constant column gets scale 1,
+    as in scikit-learn's ``StandardScaler``); computed without overflow for values near the
+    float64 limit."""
+    mean = A.mean(axis=0)
+    spread = np.abs(A - mean).max(axis=0)
+    spread = np.where(spread > 0, spread, 1.0)
+    scale = spread * ((A - mean) / spread).std(axis=0)
+    return mean, np.where(scale > 0, scale, 1.0)
+
+
+def unstandardise_weights(A: np.ndarray, x_mean: np.ndarray, x_scale: np.ndarray) -> np.ndarray:
+    """Weights ``A: [..., p + 1, c]`` (intercept row last) of a linear map of the standardised
+    inputs ``(x − x_mean) / x_scale``, rewritten for the raw inputs ``x``: the same map."""
+    A = np.array(A, dtype=np.float64)
+    coef = A[..., :-1, :] / x_scale[:, None]
+    intercept = A[..., -1, :] - np.einsum("f,...fc->...c", x_mean, coef)
+    return np.concatenate([coef, intercept[..., None, :]], axis=-2)
+
+
 def sample_categorical(P: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     """One draw per row of the probabilities ``P: [n, c]``; returns indices ``[n]``."""
     below = (rng.random_sample(P.shape[0])[:, None] > np.cumsum(P, axis=1)).sum(axis=1)

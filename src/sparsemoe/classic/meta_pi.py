@@ -1,5 +1,5 @@
 """The meta-pi network (Hampshire & Waibel 1992): a gated sum of experts trained on squared
-error, ``f(x) = Σ_i g_i(x) μ_i(x)``, ``L = (1/2n) Σ_n ‖y_n − f(x_n)‖²`` (papers.md §3).
+error, ``f(x) = Σ_i g_i(x) μ_i(x)``, ``L = (1/2n) Σ_n ‖y_n − f(x_n)‖²``.
 
 Unlike the likelihood mixtures, the experts here cooperate (every expert's output enters every
 prediction), so the loss is minimised directly by gradient (L-BFGS), from the same k-means
@@ -24,7 +24,13 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from ._base import GATED_CONSTRAINTS, MultiOutputRegression, initial_responsibilities
 from .experts import weighted_least_squares
 from .gates import SoftmaxGate
-from .logit import add_intercept, logit_log_proba, ridge_penalty
+from .logit import (
+    add_intercept,
+    logit_log_proba,
+    ridge_penalty,
+    standardisation,
+    unstandardise_weights,
+)
 
 
 def meta_pi_loss_grad(V: np.ndarray, W: np.ndarray, X1: np.ndarray, Y: np.ndarray,
@@ -60,11 +66,16 @@ def meta_pi_loss_grad(V: np.ndarray, W: np.ndarray, X1: np.ndarray, Y: np.ndarra
 class MetaPiRegressor(MultiOutputRegression, RegressorMixin, BaseEstimator):
     """Meta-pi network: linear experts combined by a softmax gate, trained on squared error.
 
+    The fit runs on standardised ``X`` and ``y`` (each column centred and divided by its
+    standard deviation, as scikit-learn's ``StandardScaler``), so predictions are equivariant
+    to the scales of both; the fitted gate and experts are then rewritten for the raw units.
+
     Parameters
     ----------
     n_experts : int, default=3
     gate_alpha : float >= 0, default=1e-2
-        Ridge on the gate's non-intercept weights, added to the summed squared error / 2.
+        Ridge on the gate's non-intercept weights (for standardised inputs), added to the
+        summed squared error / 2.
     init_params : {"kmeans", "random"}, default="kmeans"
         Starting clusters (k-means on the standardised ``[X, y]``, or random soft ones).
     n_init : int, default=1
@@ -83,8 +94,10 @@ class MetaPiRegressor(MultiOutputRegression, RegressorMixin, BaseEstimator):
     coef_ : ndarray of shape (n_experts, n_outputs, n_features)
     intercept_ : ndarray of shape (n_experts, n_outputs)
     loss_ : float
-        Final training loss (mean squared error / 2 plus the gate penalty / n).
-    loss_history_ : ndarray, the loss at the start and after each L-BFGS iteration.
+        Final training loss of the standardised problem: the mean of ``((y − f)/σ_y)² / 2``
+        plus ``gate_alpha/2 · ‖gate_.coef · σ_x‖² / n`` (σ: the training columns' standard
+        deviations).
+    loss_history_ : ndarray, that loss at the start and after each L-BFGS iteration.
     converged_ : bool
     n_iter_ : int
     n_outputs_ : int
@@ -122,11 +135,15 @@ class MetaPiRegressor(MultiOutputRegression, RegressorMixin, BaseEstimator):
         -------
         self
         """
-        X, Y = self._validate_regression_data(X, y)
-        n, p = X.shape
+        X_raw, Y_raw = self._validate_regression_data(X, y)
+        n, p = X_raw.shape
         if n < self.n_experts:
             raise ValueError(f"a meta-pi network of {self.n_experts} experts needs n_samples >= "
                              f"{self.n_experts}, got n_samples = {n}; use fewer experts")
+        # fitted on standardised X and y, so that the fit is equivariant to their scales
+        x_mean, x_scale = standardisation(X_raw)
+        y_mean, y_scale = standardisation(Y_raw)
+        X, Y = (X_raw - x_mean) / x_scale, (Y_raw - y_mean) / y_scale
         X1 = add_intercept(X)
         rng = check_random_state(self.random_state)
         best = None
@@ -142,6 +159,9 @@ class MetaPiRegressor(MultiOutputRegression, RegressorMixin, BaseEstimator):
             if best is None or fitted[2][-1] < best[2][-1]:
                 best = fitted
         V, W, history, self.converged_, self.n_iter_ = best
+        V = unstandardise_weights(V, x_mean, x_scale)  # the same gate and experts on raw X, y
+        W = unstandardise_weights(W, x_mean, x_scale) * y_scale
+        W[:, -1] += y_mean
         self.gate_ = SoftmaxGate(self.n_experts, p, self.gate_alpha)
         self.gate_.weights = [V[None]]
         self.coef_ = np.transpose(W[:, :-1], (0, 2, 1))

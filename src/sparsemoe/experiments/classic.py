@@ -35,6 +35,7 @@ from ..classic import (
     MixtureOfExpertsRegressor,
 )
 from ..data import load_mcycle
+from .runs import save_figure
 
 
 @dataclass
@@ -209,7 +210,7 @@ def plot_mcycle(times: np.ndarray, accel: np.ndarray, path: Path, n_experts: int
     bottom.set_xlabel("time after impact (ms)")
     bottom.set_ylim(-0.05, 1.05)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return model
 

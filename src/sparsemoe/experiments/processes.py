@@ -12,6 +12,8 @@ the ranks is the loss of the whole batch, as on one process.
 
 from __future__ import annotations
 
+import datetime
+import math
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -21,8 +23,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import parallel
+from .._checks import check_number
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT = 600.0
+"""Seconds a collective waits for the other ranks (torch's own default is 30 minutes). Long
+enough for rank 0 to read a large corpus while the others wait (``root_first``), short enough
+that a frozen rank ends the job within minutes."""
 
 
 class OneProcess:
@@ -88,13 +96,20 @@ class ExpertParallelRanks(OneProcess):
         self.sync: parallel.GradientSync | None = None
 
     @classmethod
-    def start(cls) -> ExpertParallelRanks:
+    def start(cls, timeout: float = DEFAULT_TIMEOUT) -> ExpertParallelRanks:
         """Join the process group that ``torchrun`` describes in the environment: NCCL and
         the GPU ``LOCAL_RANK`` where CUDA is available, gloo on the CPU otherwise.
+
+        Args:
+            timeout: seconds a collective (and the start-up rendezvous) may wait for the other
+                ranks before it fails, so that a stopped or frozen rank ends the job instead
+                of holding the others for torch's default 30 minutes.
 
         Raises:
             RuntimeError: the environment does not describe a process group.
         """
+        check_number("timeout", timeout, low=0, high=math.inf, low_open=True, high_open=True)
+        wait = datetime.timedelta(seconds=timeout)
         missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                    if v not in os.environ]
         if missing:
@@ -105,10 +120,10 @@ class ExpertParallelRanks(OneProcess):
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=wait)
         else:
             device = torch.device("cpu")
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=wait)
         return cls(device)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -120,8 +135,7 @@ class ExpertParallelRanks(OneProcess):
         return model
 
     def _fork_rng(self) -> None:
-        # one draw from the common stream, offset by the rank
-        torch.manual_seed(int(torch.randint(2**62, ())) + self.rank)
+        torch.manual_seed(parallel.rank_seed())
 
     def root_first(self, load: Callable[[], T]) -> T:
         if self.rank != 0:

@@ -9,11 +9,11 @@ expert):
                                SwiGLU :class:`~sparsemoe.experts.FeedForwardExperts`
 ``OlmoeSparseMoeBlock``        ``TopKRouter(normalize=norm_topk_prob)`` (False for OLMoE)
 ``Qwen3MoeSparseMoeBlock``     ``TopKRouter(normalize=norm_topk_prob)``
-``Qwen2MoeSparseMoeBlock``     :class:`~sparsemoe.shared.SharedExpertMoE` with the shared
+``Qwen2MoeSparseMoeBlock``     :class:`~sparsemoe.dense_paths.SharedExpertMoE` with the shared
                                expert and its sigmoid gate
 ``SwitchTransformersSparseMLP`` :class:`~sparsemoe.routers.SwitchRouter`, ReLU experts and
                                ``Capacity(tokens=expert_capacity, group="sequence")``
-``DeepseekV3MoE``              :class:`~sparsemoe.shared.SharedExpertMoE` with a
+``DeepseekV3MoE``              :class:`~sparsemoe.dense_paths.SharedExpertMoE` with a
                                :class:`~sparsemoe.routers.DeepSeekV3Router` (sigmoid,
                                group-limited, ``e_score_correction_bias`` as ``expert_bias``)
                                and the shared experts as one SwiGLU expert
@@ -32,11 +32,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..dispatch import Capacity
+from ..capacity import Capacity
+from ..dense_paths import SharedExpertMoE
 from ..experts import FeedForwardExperts
 from ..layers import MoELayer
 from ..routers import DeepSeekV3Router, SwitchRouter, TopKRouter
-from ..shared import SharedExpertMoE
 
 SUPPORTED_BLOCKS = (
     "DeepseekV3MoE",
@@ -152,7 +152,7 @@ def from_transformers(block: nn.Module) -> MoELayer:
             ``mlp`` of a Switch Transformers ``LayerFF``).
 
     Returns:
-        An :class:`~sparsemoe.layers.MoELayer` (a :class:`~sparsemoe.shared.SharedExpertMoE`
+        An :class:`~sparsemoe.layers.MoELayer` (a :class:`~sparsemoe.dense_paths.SharedExpertMoE`
         for Qwen2-MoE and DeepSeek-V3) with copies of the block's weights, on the block's
         device and dtype.
         Set ``.eval()`` on both for identical outputs.
@@ -189,7 +189,7 @@ def _export_stacked(bank: FeedForwardExperts, experts: nn.Module) -> None:
         experts.down_proj.copy_(bank.w2.transpose(1, 2))
 
 
-def _check_stacked(layer: MoELayer, config, n: int, hidden: int) -> None:
+def _check_convertible(layer: MoELayer, config, n: int, hidden: int) -> None:
     router, bank = layer.router, layer.experts
     if not isinstance(router, TopKRouter) or not isinstance(bank, FeedForwardExperts):
         raise TypeError("the layer must have a TopKRouter and FeedForwardExperts for this "
@@ -250,14 +250,14 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
         if not isinstance(layer, SharedExpertMoE) or layer.w_shared_gate is None:
             raise TypeError("a Qwen2-MoE block needs a SharedExpertMoE with shared_gate=True, "
                             f"got {type(layer).__name__}")
-        _check_stacked(layer, config, config.num_experts, config.moe_intermediate_size)
+        _check_convertible(layer, config, config.num_experts, config.moe_intermediate_size)
         _expect("norm_topk_prob", config.norm_topk_prob, layer.router.normalize)
         _check_shared_bank(layer, config, config.shared_expert_intermediate_size)
     else:
         n = config.num_local_experts if model_type == "mixtral" else config.num_experts
         hidden = config.intermediate_size if model_type != "qwen3_moe" else (
             config.moe_intermediate_size)
-        _check_stacked(layer, config, n, hidden)
+        _check_convertible(layer, config, n, hidden)
         _expect("renormalisation of the top-k weights",
                 True if model_type == "mixtral" else config.norm_topk_prob, layer.router.normalize)
     block = getattr(importlib.import_module(module), cls)(config).to(param)

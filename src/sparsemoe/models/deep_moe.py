@@ -84,10 +84,10 @@ class DeepMoE(nn.Module):
     def _router(self, d: int) -> Router:
         c = self.config
         if c.k is None:
-            router = SoftmaxRouter(d, c.num_experts, hidden=c.gate_hidden, bias=True,
+            router = SoftmaxRouter(d, c.num_experts, gate_hidden=c.gate_hidden, bias=True,
                                    w_importance=c.w_importance)
         else:
-            router = NoisyTopKRouter(d, c.num_experts, c.k, hidden=c.gate_hidden,
+            router = NoisyTopKRouter(d, c.num_experts, c.k, gate_hidden=c.gate_hidden,
                                      w_importance=c.w_importance, w_load=c.w_load)
         return router if c.margin is None else MarginConstrainedRouter(router, c.margin)
 

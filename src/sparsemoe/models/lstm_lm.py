@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 
 from torch import Tensor, nn
 
+from .._checks import check_choice, check_int, check_number
 from ..experts import FeedForwardExperts
 from ..layers import HierarchicalMoE, MoE, MoELayer
 from ..routers import DeepSeekV3Router, TopKRouter
@@ -65,18 +66,20 @@ class LMConfig:
                 "lstm": 0}[self.middle]
 
     def __post_init__(self) -> None:
-        if self.middle not in MIDDLES:
-            raise ValueError(f"middle must be one of {MIDDLES}, got {self.middle!r}")
+        for name in ("vocab_size", "d_model", "num_experts", "k", "hidden", "groups",
+                     "k_primary", "k_secondary", "deep_layers"):
+            check_int(name, getattr(self, name))
+        check_choice("middle", self.middle, MIDDLES)
+        check_number("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_number("w_importance", self.w_importance, low=0)
+        check_number("w_load", self.w_load, low=0)
         if self.middle == "hmoe" and self.num_experts % self.groups:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of groups "
                              f"({self.groups}) for a hierarchical MoE")
-        if self.balancing not in BALANCINGS:
-            raise ValueError(f"balancing must be one of {BALANCINGS}, got {self.balancing!r}")
+        check_choice("balancing", self.balancing, BALANCINGS)
         if self.balancing != "paper" and self.middle != "moe":
             raise ValueError(f"balancing {self.balancing!r} is for the flat MoE (middle='moe'), "
                              f"got middle={self.middle!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 # Table 7's rows at a scale that trains on 2 CPU cores: d = 128 and expert hidden 256 (the
@@ -98,10 +101,14 @@ PRESET_SETS = {
 }
 
 
+def check_preset(name: object) -> str:
+    """``name`` must be one of :data:`PRESETS` (the one place presets are validated)."""
+    return check_choice("preset", name, tuple(PRESETS))
+
+
 def preset(name: str, **overrides) -> LMConfig:
     """The :class:`LMConfig` of a named preset, with field overrides."""
-    if name not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+    check_preset(name)
     return replace(LMConfig(), **{**PRESETS[name], **overrides})
 
 
@@ -139,8 +146,8 @@ class LSTMLanguageModel(nn.Module):
                 w_load=cfg.w_load,
             ))
         elif cfg.middle == "deep":
-            layers.append(MoE(d, 1, 1, experts=[_deep_expert(d, cfg.hidden, cfg.deep_layers)],
-                              output_activation="sigmoid"))
+            deep = _deep_expert(d, cfg.hidden, cfg.deep_layers)
+            layers.append(MoE(d, 1, 1, expert_modules=[deep], output_activation="sigmoid"))
         else:
             layers += [nn.LSTM(d, d, batch_first=True), nn.LSTM(d, d, batch_first=True)]
         layers.append(nn.LSTM(d, d, batch_first=True))

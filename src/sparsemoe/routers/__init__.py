@@ -4,6 +4,7 @@ One module per family; see ``docs/routers.md`` for the table of methods, papers,
 defaults and tested invariants.
 """
 
+from .._checks import deprecated_alias
 from .base import BalanceSums, GateHiddenLayer, LinearRouter, Router, Routing
 from .base_layers import BASERouter
 from .deepseek import DeepSeekV3Router
@@ -14,7 +15,7 @@ from .hash import HashRouter, balanced_hash_table
 from .margin import MarginConstrainedRouter
 from .noisy_top_k import HierarchicalNoisyTopKRouter, NoisyTopKRouter
 from .reinforce import ReinforceRouter
-from .soft_moe import SoftMoERouter, SoftRouting
+from .soft_moe import SoftMoERouter, SoftMoEWeights
 from .strictly_balanced import StrictlyBalancedRouter
 from .switch import SwitchRouter
 from .top_k import TopKRouter
@@ -36,10 +37,18 @@ __all__ = [
     "Router",
     "Routing",
     "SoftMoERouter",
-    "SoftRouting",
+    "SoftMoEWeights",
     "SoftmaxRouter",
     "StrictlyBalancedRouter",
     "SwitchRouter",
     "TopKRouter",
     "balanced_hash_table",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``SoftRouting``: the deprecated name of :class:`SoftMoEWeights`."""
+    if name == "SoftRouting":
+        return deprecated_alias(__name__, name, "sparsemoe.routers.SoftMoEWeights",
+                                SoftMoEWeights)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

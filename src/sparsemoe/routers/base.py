@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as MF
-from .._checks import autocast_dtype, check_int, check_number
+from .._checks import autocast_dtype, check_bool, check_int, check_number, renamed_argument
+from .._copy import deepcopy_without_graph
 
 
 class Routing(NamedTuple):
@@ -90,13 +91,15 @@ class Router(nn.Module):
     uses_token_ids: bool = False
     uses_sequences: bool = False
 
+    __deepcopy__ = deepcopy_without_graph  # a router may keep its last forward's log_prob
+
 
 class GateHiddenLayer(nn.Module):
     """The hidden layer of a gating network: ``x -> relu(x·A + a)``.
 
     Eigen, Ranzato and Sutskever (2013), "Learning Factored Representations in a Deep Mixture
     of Experts", gate every layer with ``g(x) = softmax(B·relu(A·x + a) + b)``; a router given
-    ``hidden=h`` computes its logits from ``relu(x·A + a)`` instead of ``x``. ``A`` and ``a``
+    ``gate_hidden=h`` computes its logits from ``relu(x·A + a)`` instead of ``x``. ``A`` and ``a``
     are initialised like an ``nn.Linear`` (U(±1/√d)).
 
     Args:
@@ -123,17 +126,13 @@ class GateHiddenLayer(nn.Module):
         return f"d_model={self.w_hidden.shape[0]}, hidden={self.hidden}"
 
 
-def gate_hidden_layer(d_model: int, hidden: int | None) -> GateHiddenLayer | None:
-    """A :class:`GateHiddenLayer` for ``hidden=h``, None for ``hidden=None`` (a linear gate)."""
-    return None if hidden is None else GateHiddenLayer(d_model, hidden)
-
-
 class LinearRouter(Router):
     """What the learned-gate routers share: a gate ``W_g [d, n]`` (and optional bias) applied
     in float32, and the auxiliary losses they may add.
 
-    With ``hidden=h`` the gate is a network with one hidden layer (Eigen et al. 2013):
-    ``logits = relu(x·A + a)·W_g + b`` with ``W_g [h, n]`` (:class:`GateHiddenLayer`).
+    With ``gate_hidden=h`` the gate is a network with one hidden layer (Eigen et al. 2013):
+    ``logits = relu(x·A + a)·W_g + b`` with ``W_g [h, n]`` (:class:`GateHiddenLayer`;
+    ``hidden=`` is the deprecated name of ``gate_hidden=``).
 
     ``W_g`` starts from the Switch Transformer's reduced-scale initialisation (Fedus et al.
     2021, §2.4): a normal truncated at two standard deviations, std ``sqrt(0.1 / fan_in)``
@@ -150,34 +149,47 @@ class LinearRouter(Router):
 
     Shape:
         ``w_gate [d, n]`` (``[h, n]`` with a hidden layer), ``b_gate [n]`` (when ``bias``),
-        ``gate_hidden`` (when ``hidden``).
+        ``gate_hidden`` (a :class:`GateHiddenLayer`, when ``gate_hidden=h``).
     """
 
     def __init__(
         self, d_model: int, num_experts: int, *, w_importance: float = 0.0,
-        w_switch: float = 0.0, w_z: float = 0.0, bias: bool = False, hidden: int | None = None,
+        w_switch: float = 0.0, w_z: float = 0.0, bias: bool = False,
+        gate_hidden: int | None = None, hidden: int | None = None,
     ) -> None:
+        gate_hidden = renamed_argument(type(self).__name__, "hidden", hidden, "gate_hidden",
+                                       gate_hidden)
         super().__init__()
         self.d_model = check_int("d_model", d_model)
         self.num_experts = check_int("num_experts", num_experts)
         self.w_importance = check_number("w_importance", w_importance, low=0)
         self.w_switch = check_number("w_switch", w_switch, low=0)
         self.w_z = check_number("w_z", w_z, low=0)
-        self.gate_hidden = gate_hidden_layer(d_model, hidden)
-        fan_in = d_model if hidden is None else hidden
+        check_bool("bias", bias)
+        if gate_hidden is not None:
+            check_int("gate_hidden", gate_hidden)
+        self.gate_hidden = None if gate_hidden is None else GateHiddenLayer(d_model, gate_hidden)
+        fan_in = d_model if gate_hidden is None else gate_hidden
         self.w_gate = nn.Parameter(torch.empty(fan_in, num_experts))
         self.b_gate = nn.Parameter(torch.zeros(num_experts)) if bias else None
-        std = math.sqrt(0.1 / fan_in)
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Initialise ``W_g``: a normal truncated at two standard deviations, std
+        ``sqrt(0.1 / fan_in)``."""
+        std = math.sqrt(0.1 / self.w_gate.shape[0])
         nn.init.trunc_normal_(self.w_gate, std=std, a=-2 * std, b=2 * std)
+
+    def gate_input(self, x: Tensor) -> Tensor:
+        """What ``W_g`` multiplies: ``x``, or ``relu(x·A + a)`` with a hidden layer."""
+        return x if self.gate_hidden is None else self.gate_hidden(x)
 
     def logits(self, x: Tensor) -> Tensor:
         """``x·W_g (+ b)``, or ``relu(x·A + a)·W_g (+ b)`` with a hidden layer:
         ``[T, d] -> [T, n]``, in the gate's precision (float32 under autocast, see
         :func:`full_precision`)."""
         with full_precision(x, self.w_gate) as x:
-            if self.gate_hidden is not None:
-                x = self.gate_hidden(x)
-            out = x @ self.w_gate
+            out = self.gate_input(x) @ self.w_gate
             return out if self.b_gate is None else out + self.b_gate
 
     def balance_sums(

@@ -6,12 +6,13 @@ complementary sequence-wise balance loss."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .. import functional as MF
-from .._checks import check_int, check_number, check_top_k
+from .._checks import check_bool, check_int, check_number, check_top_k
 from .base import LinearRouter, Routing
 
 
@@ -38,6 +39,44 @@ def group_limited_scores(scores: Tensor, groups: int, top_groups: int) -> Tensor
     kept = group_scores.topk(top_groups, dim=-1).indices
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
     return grouped.masked_fill(~keep[:, :, None], -torch.inf).view(t, n)
+
+
+def sequence_balance_loss(
+    scores: Tensor, expert_indices: Tensor, sequence_ids: Tensor, valid: Tensor | None = None
+) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss, without its α (eqs. 17–20).
+
+    For each sequence of ``T`` tokens, ``L = Σ_i f_i·P_i`` with
+    ``f_i = N/(K·T) Σ_t 1[i ∈ TopK_t]`` and ``P_i = (1/T) Σ_t s'_{i,t}``, where
+    ``s'_{i,t} = s_{i,t} / Σ_j s_{j,t}`` are the affinities normalised over the ``N`` experts;
+    the result is the mean of ``L`` over the sequences that have tokens. Only ``P`` carries a
+    gradient; a perfectly balanced sequence gives 1.
+
+    Args:
+        scores: ``[T, n]`` the affinities ``s`` (sigmoid scores in DeepSeek-V3).
+        expert_indices: ``[T, k]`` the chosen experts, TopK_t.
+        sequence_ids: ``[T]`` int64, the sequence of each token (any non-negative ids).
+        valid: ``[T, k]`` bool, or None when every choice counts.
+
+    Returns:
+        A scalar (0 for no tokens).
+    """
+    t, n = scores.shape
+    if t == 0:
+        return scores.sum() * 0.0
+    k = expert_indices.shape[1]
+    _, seq = torch.unique(sequence_ids, return_inverse=True)  # ids 0..S-1
+    num_seq = int(seq.max()) + 1
+    length = torch.bincount(seq, minlength=num_seq).to(scores.dtype)  # [S]
+    normalised = scores / scores.sum(-1, keepdim=True)
+    p = scores.new_zeros(num_seq, n).index_add_(0, seq, normalised) / length[:, None]
+    pairs = seq[:, None].expand(t, k).reshape(-1) * n + expert_indices.reshape(-1)
+    ones = torch.ones(pairs.numel(), dtype=scores.dtype, device=scores.device)
+    if valid is not None:
+        ones = ones * valid.reshape(-1)
+    counts = scores.new_zeros(num_seq * n).index_add_(0, pairs, ones).view(num_seq, n)
+    f = counts * (n / k) / length[:, None]
+    return (f * p).sum(1).mean()
 
 
 def bias_update(load: Tensor, speed: float) -> Tensor:
@@ -70,7 +109,7 @@ class DeepSeekV3Router(LinearRouter):
 
     Auxiliary losses: the complementary sequence-wise balance loss
     ``w_sequence · Σ_i f_i·P_i`` per sequence, averaged over sequences
-    (:func:`sparsemoe.functional.sequence_balance_loss`; DeepSeek-V3: α = 1e-4), and the
+    (:func:`sequence_balance_loss`; DeepSeek-V3: α = 1e-4), and the
     losses of :class:`LinearRouter`, whose Switch loss takes ``P`` from the affinities
     normalised over the experts.
 
@@ -116,11 +155,14 @@ class DeepSeekV3Router(LinearRouter):
             raise ValueError(f"k must be <= the experts of the kept groups, top_groups * "
                              f"num_experts / groups = {top_groups * (num_experts // groups)}, "
                              f"got {k}")
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
+        finite = {"high": math.inf, "high_open": True}
         self.routed_scaling_factor = check_number("routed_scaling_factor",
-                                                  routed_scaling_factor, low=0, low_open=True)
-        self.bias_update_speed = check_number("bias_update_speed", bias_update_speed, low=0)
-        self.w_sequence = check_number("w_sequence", w_sequence, low=0)
+                                                  routed_scaling_factor, low=0, low_open=True,
+                                                  **finite)
+        self.bias_update_speed = check_number("bias_update_speed", bias_update_speed, low=0,
+                                              **finite)
+        self.w_sequence = check_number("w_sequence", w_sequence, low=0, **finite)
         self.register_buffer("expert_bias", torch.zeros(num_experts))
         self.register_buffer("load_since_update", torch.zeros(num_experts), persistent=False)
 
@@ -142,7 +184,7 @@ class DeepSeekV3Router(LinearRouter):
         if self.w_sequence:
             if sequence_ids is None:
                 sequence_ids = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            seq = MF.sequence_balance_loss(scores, choice, sequence_ids)
+            seq = sequence_balance_loss(scores, choice, sequence_ids)
             r = r._replace(aux_loss=r.aux_loss + self.w_sequence * seq, sums=None)  # per sequence
         return r
 

@@ -4,7 +4,7 @@ The meta-pi network and the adaptive mixtures of local experts (Jacobs, Jordan, 
 Hinton 1991) gate with ``G(x) = Softmax(x·W_g)`` over all experts; the hard MoE takes only
 ``argmax_i G(x)_i``. The Deep Mixture of Experts (Eigen, Ranzato and Sutskever 2013) gates each
 layer with a one-hidden-layer network, ``G(x) = Softmax(B·relu(A·x + a) + b)``:
-``SoftmaxRouter(d, n, hidden=h, bias=True)``.
+``SoftmaxRouter(d, n, gate_hidden=h, bias=True)``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from .base import LinearRouter, Routing, all_experts_grid
 
 class SoftmaxRouter(LinearRouter):
     """Dense softmax gating: ``y = Σ_{i=1}^{n} G(x)_i E_i(x)``, ``G(x) = Softmax(x·W_g)``, or
-    with ``hidden=h`` the gating network of the Deep Mixture of Experts (Eigen et al. 2013),
+    with ``gate_hidden=h`` the gating network of the Deep Mixture of Experts (Eigen et al. 2013),
     ``G(x) = Softmax(B·relu(A·x + a) + b)`` (``A = w_hidden``, ``B = w_gate``).
 
     Every expert runs on every token (``k = n``); the gate gets its gradient through the
@@ -25,7 +25,7 @@ class SoftmaxRouter(LinearRouter):
     Args:
         d_model: input width ``d``.
         num_experts: ``n``.
-        w_importance, w_switch, w_z, bias, hidden: see :class:`LinearRouter` (defaults 0, no
+        w_importance, w_switch, w_z, bias, gate_hidden: see :class:`LinearRouter` (defaults 0, no
             bias, no hidden layer).
 
     Shape:
@@ -50,7 +50,7 @@ class ArgmaxRouter(LinearRouter):
     Args:
         d_model: input width ``d``.
         num_experts: ``n``.
-        w_importance, w_switch, w_z, bias, hidden: see :class:`LinearRouter` (defaults 0, no
+        w_importance, w_switch, w_z, bias, gate_hidden: see :class:`LinearRouter` (defaults 0, no
             bias, no hidden layer).
 
     Shape:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._checks import check_bool, check_int
 from .base import LinearRouter, Routing
 
 
@@ -39,11 +40,10 @@ class GShardRouter(LinearRouter):
         self, d_model: int, num_experts: int, *, random_second_eval: bool = False,
         w_importance: float = 0.0, w_switch: float = 1e-2, w_z: float = 0.0, bias: bool = False,
     ) -> None:
-        if isinstance(num_experts, int) and not isinstance(num_experts, bool) and num_experts < 2:
-            raise ValueError(f"num_experts must be >= 2 for top-2 gating, got {num_experts}")
+        check_int("num_experts", num_experts, minimum=2, reason="for top-2 gating")
         super().__init__(d_model, num_experts, w_importance=w_importance, w_switch=w_switch,
                          w_z=w_z, bias=bias)
-        self.random_second_eval = random_second_eval
+        self.random_second_eval = check_bool("random_second_eval", random_second_eval)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)

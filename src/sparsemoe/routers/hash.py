@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as MF
-from .._checks import check_int
+from .._checks import check_choice, check_int
 from .base import Router, Routing
 
 HASH_TABLES = ("random", "balanced")
@@ -75,8 +75,7 @@ class HashRouter(Router):
         self.d_model = check_int("d_model", d_model)
         self.num_experts = check_int("num_experts", num_experts)
         self.vocab_size = check_int("vocab_size", vocab_size)
-        if table not in HASH_TABLES:
-            raise ValueError(f"table must be one of {HASH_TABLES}, got {table!r}")
+        check_choice("table", table, HASH_TABLES)
         if table == "balanced":
             if not isinstance(token_frequencies, Tensor) or tuple(token_frequencies.shape) != (
                 vocab_size,

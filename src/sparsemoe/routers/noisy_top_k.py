@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from .. import functional as MF
-from .._checks import check_int, check_top_k
-from .base import BalanceSums, Router, Routing, full_precision, gate_hidden_layer
+from .._checks import check_bool, check_int, check_number, check_top_k, renamed_argument
+from .base import BalanceSums, LinearRouter, Router, Routing, full_precision
 
 
-class _BalancedRouter(Router):
-    """What the noisy top-k routers share: the noise floor and the balancing-loss weights."""
+class _ImportanceLoadLosses:
+    """What the two noisy top-k routers share: the noise floor and the balancing losses
+    L_importance + L_load (eqs. 7 and 11) of their routing record."""
 
-    def __init__(
-        self, d_model: int, num_experts: int, noise_epsilon: float, w_importance: float,
-        w_load: float,
+    def _set_noise_and_loss_weights(
+        self, noise_epsilon: float, w_importance: float, w_load: float
     ) -> None:
-        super().__init__()
-        self.d_model = check_int("d_model", d_model)
-        self.num_experts = num_experts
-        self.noise_epsilon = noise_epsilon
-        self.w_importance = w_importance
-        self.w_load = w_load
+        finite = {"low": 0, "high": math.inf, "high_open": True}
+        self.noise_epsilon = check_number("noise_epsilon", noise_epsilon, **finite)
+        self.w_importance = check_number("w_importance", w_importance, **finite)
+        self.w_load = check_number("w_load", w_load, **finite)
 
     def _routing(
         self, expert_indices: Tensor, combine_weights: Tensor, importance: Tensor, load: Tensor
     ) -> Routing:
-        """The routing record with L_importance + L_load (eqs. 7 and 11) as its aux loss."""
+        """The routing record with L_importance + L_load as its aux loss, and its sums."""
         zero, none = importance.new_zeros(()), importance.new_zeros(self.num_experts)
         sums = BalanceSums(zero + expert_indices.shape[0], importance, load, none, none, zero)
         return Routing(expert_indices, combine_weights, importance, load,
@@ -38,11 +38,13 @@ class _BalancedRouter(Router):
         return MF.balancing_loss(sums.importance, sums.load, self.w_importance, self.w_load)
 
 
-class NoisyTopKRouter(_BalancedRouter):
+class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
     """Noisy top-k gating, eqs. 3–5, with the balancing losses of eqs. 6–11.
 
     ``W_g`` and ``W_noise`` start at zero, as in the paper's reference code: no signal and some
-    noise, so that the load starts balanced. Noise is added only in training mode.
+    noise, so that the load starts balanced. Noise is added only in training mode. The gate
+    (and its optional hidden layer) is :class:`~sparsemoe.routers.LinearRouter`'s, without a
+    bias; the auxiliary loss is L_importance + L_load, not LinearRouter's.
 
     Args:
         d_model: input width ``d``.
@@ -52,9 +54,10 @@ class NoisyTopKRouter(_BalancedRouter):
         noise_epsilon: floor of the noise stddev (reference code: 1e-2).
         w_importance: weight of CV(Importance)², eq. 7 (paper, language modelling: 0.1).
         w_load: weight of CV(Load)², eq. 11 (paper, language modelling: 0.1).
-        hidden: gate on ``relu(x·A + a)`` instead of ``x`` (the gating network of the Deep
-            Mixture of Experts, Eigen et al. 2013; :class:`~sparsemoe.routers.GateHiddenLayer`),
-            None for the paper's linear gate.
+        gate_hidden: gate on ``relu(x·A + a)`` instead of ``x`` (the gating network of the
+            Deep Mixture of Experts, Eigen et al. 2013;
+            :class:`~sparsemoe.routers.GateHiddenLayer`), None for the paper's linear gate;
+            ``hidden=`` is its deprecated name.
 
     Shape:
         ``w_gate [d, n]``, ``w_noise [d, n]`` (``[h, n]`` each with a hidden layer); forward
@@ -71,22 +74,25 @@ class NoisyTopKRouter(_BalancedRouter):
         noise_epsilon: float = 1e-2,
         w_importance: float = 0.1,
         w_load: float = 0.1,
+        gate_hidden: int | None = None,
         hidden: int | None = None,
     ) -> None:
-        check_int("num_experts", num_experts)
-        super().__init__(d_model, num_experts, noise_epsilon, w_importance, w_load)
+        gate_hidden = renamed_argument("NoisyTopKRouter", "hidden", hidden, "gate_hidden",
+                                       gate_hidden)
+        super().__init__(d_model, num_experts, gate_hidden=gate_hidden)
+        self._set_noise_and_loss_weights(noise_epsilon, w_importance, w_load)
         self.k = check_top_k("k", k, num_experts)
-        self.gate_hidden = gate_hidden_layer(d_model, hidden)
-        fan_in = d_model if hidden is None else hidden
-        self.w_gate = nn.Parameter(torch.zeros(fan_in, num_experts))
-        self.w_noise = nn.Parameter(torch.zeros(fan_in, num_experts)) if noisy_gating else None
+        check_bool("noisy_gating", noisy_gating)
+        self.w_noise = nn.Parameter(torch.zeros_like(self.w_gate)) if noisy_gating else None
+
+    def reset_gate(self) -> None:
+        """``W_g`` starts at zero (the reference code)."""
+        nn.init.zeros_(self.w_gate)
 
     def forward(self, x: Tensor) -> Routing:
         with full_precision(x, self.w_gate) as x:
-            if self.gate_hidden is not None:
-                x = self.gate_hidden(x)
             g = MF.noisy_top_k_gating(
-                x, self.w_gate, self.w_noise, self.k,
+                self.gate_input(x), self.w_gate, self.w_noise, self.k,
                 train=self.training, noise_epsilon=self.noise_epsilon,
             )
         return self._routing(g.top_k_indices, g.top_k_gates, MF.importance(g.gates), g.load)
@@ -97,7 +103,7 @@ class NoisyTopKRouter(_BalancedRouter):
                 f"w_load={self.w_load}")
 
 
-class HierarchicalNoisyTopKRouter(_BalancedRouter):
+class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
     """Two-level noisy top-k gating of the hierarchical MoE, Appendix B (eqs. 12–14).
 
     A primary gate picks ``k_primary`` of ``a`` groups; each chosen group's own gate picks
@@ -132,8 +138,12 @@ class HierarchicalNoisyTopKRouter(_BalancedRouter):
         w_importance: float = 0.1,
         w_load: float = 0.1,
     ) -> None:
-        n = check_int("groups", groups) * check_int("experts_per_group", experts_per_group)
-        super().__init__(d_model, n, noise_epsilon, w_importance, w_load)
+        super().__init__()
+        self.d_model = check_int("d_model", d_model)
+        self.num_experts = check_int("groups", groups) * check_int("experts_per_group",
+                                                                   experts_per_group)
+        self._set_noise_and_loss_weights(noise_epsilon, w_importance, w_load)
+        check_bool("noisy_gating", noisy_gating)
         self.groups = groups
         self.experts_per_group = experts_per_group
         self.k_primary = check_top_k("k_primary", k_primary, groups)

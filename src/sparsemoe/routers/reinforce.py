@@ -22,7 +22,7 @@ class ReinforceRouter(LinearRouter):
     (Williams 1992) of ``−∇ E[r]``; ``b`` is a running mean of the rewards (a variance-reducing
     baseline, updated with ``baseline_decay``). Bengio et al. gate blocks with independent
     Bernoulli units; routing each token to one expert is the categorical form of the same
-    estimator (papers.md §3: "routing as a discrete action").
+    estimator (routing as a discrete action).
 
     Args:
         d_model: input width ``d``.
@@ -51,6 +51,11 @@ class ReinforceRouter(LinearRouter):
         logits = self.logits(x)
         probs = logits.softmax(-1)
         if self.training and x.shape[0]:
+            bad = ~torch.isfinite(probs).all(-1)
+            if bool(bad.any()):
+                raise ValueError(f"x: token {int(bad.nonzero()[0])} gives non-finite routing "
+                                 f"probabilities (its features hold NaN or inf), so no expert "
+                                 f"can be sampled for it")
             choice = torch.multinomial(probs.detach(), 1)
         else:
             choice = probs.argmax(-1, keepdim=True)

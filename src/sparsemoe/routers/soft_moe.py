@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import check_bool, check_int
 from .base import full_precision
 
 
-class SoftRouting(NamedTuple):
+class SoftMoEWeights(NamedTuple):
     """Soft MoE's dispatch and combine weights for ``G`` inputs of ``m`` tokens each.
 
     Attributes:
@@ -50,7 +50,7 @@ class SoftMoERouter(nn.Module):
         normalize: l2-normalise tokens and Φ and learn a scale.
 
     Shape:
-        ``phi [d, n·p]``, ``scale []``; forward ``[G, m, d] -> SoftRouting``.
+        ``phi [d, n·p]``, ``scale []``; forward ``[G, m, d] -> SoftMoEWeights``.
     """
 
     def __init__(
@@ -60,20 +60,20 @@ class SoftMoERouter(nn.Module):
         self.d_model = check_int("d_model", d_model)
         self.num_experts = check_int("num_experts", num_experts)
         self.slots_per_expert = check_int("slots_per_expert", slots_per_expert)
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         # LeCun-normal initialisation of Φ, as in the paper's code.
         self.phi = nn.Parameter(
             torch.randn(d_model, num_experts * slots_per_expert) / math.sqrt(d_model)
         )
         self.scale = nn.Parameter(torch.ones(())) if normalize else None
 
-    def forward(self, x: Tensor) -> SoftRouting:
+    def forward(self, x: Tensor) -> SoftMoEWeights:
         with full_precision(x, self.phi) as x:
             if self.scale is not None:
                 logits = self.scale * (F.normalize(x, dim=-1) @ F.normalize(self.phi, dim=0))
             else:
                 logits = x @ self.phi
-            return SoftRouting(logits.softmax(-2), logits.softmax(-1), logits)
+            return SoftMoEWeights(logits.softmax(-2), logits.softmax(-1), logits)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, "

@@ -12,6 +12,27 @@ from .._checks import check_number, check_top_k
 from .base import LinearRouter, Routing, all_experts_grid
 
 
+def batchwise_threshold_loss(scores: Tensor, thresholds: Tensor, batch_mask: Tensor) -> Tensor:
+    """L_batchwise of Appendix F (strictly balanced gating), which trains the thresholds.
+
+    ``L = Σ_j Σ_i (M_threshold(x_j, T)_i − M_batchwise(X, m)_{j,i}) · (X_{j,i} − T_i)`` with
+    ``M_threshold(x, T)_i = 1[x_i > T_i]``. Every term is ≥ 0; its gradient moves each ``T_i``
+    until the threshold selects what the batchwise mask selects. ``X`` is taken as given
+    (detached): the loss trains the thresholds, not the gate.
+
+    Args:
+        scores: ``[T, n]`` the gate values the masks are taken on, G_σ(x).
+        thresholds: ``[n]`` T.
+        batch_mask: ``[T, n]`` bool, M_batchwise.
+
+    Returns:
+        A scalar.
+    """
+    x = scores.detach()
+    over = (x > thresholds).to(x.dtype)
+    return ((over - batch_mask.to(x.dtype)) * (x - thresholds)).sum()
+
+
 class StrictlyBalancedRouter(LinearRouter):
     """Batchwise-masked softmax gating with learned per-expert thresholds for inference.
 
@@ -20,7 +41,7 @@ class StrictlyBalancedRouter(LinearRouter):
     of the batch with the largest ``G_σ(x)_i``, ``m = ⌈k·|X|/n⌉`` (capped at ``|X|``), so every
     expert gets exactly ``m`` tokens. At inference, where a batch may be small,
     ``M = M_threshold(x, T)_i = 1[G_σ(x)_i > T_i]`` with thresholds ``T`` learned in training by
-    ``L_batchwise`` (:func:`sparsemoe.functional.batchwise_threshold_loss`, weight
+    ``L_batchwise`` (:func:`batchwise_threshold_loss`, weight
     ``w_batchwise``; the paper gives no weight, and the loss only reaches ``T``). A token no
     expert takes gets no expert output (a masked row).
 
@@ -63,7 +84,7 @@ class StrictlyBalancedRouter(LinearRouter):
         grid = all_experts_grid(x.shape[0], self.num_experts, x.device)
         routing = self.routing(logits, g_sigma, grid, weights, mask)
         if self.training and self.w_batchwise:
-            aux = routing.aux_loss + self.w_batchwise * MF.batchwise_threshold_loss(
+            aux = routing.aux_loss + self.w_batchwise * batchwise_threshold_loss(
                 g_sigma, self.thresholds, mask
             )
             routing = routing._replace(aux_loss=aux, sums=None)  # L_batchwise is no sum

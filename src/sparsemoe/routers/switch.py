@@ -21,7 +21,7 @@ class SwitchRouter(LinearRouter):
     Auxiliary losses: ``α · N · Σ_i f_i · P_i`` (eq. 4, ``α = w_switch = 1e-2``) with ``f_i`` the
     fraction of tokens whose arg-max is ``i``, before any capacity drop; and the router z-loss
     ``w_z · mean_x logsumexp(logits)²`` (ST-MoE eq. 5, ``1e-3``; set ``w_z=0`` for the original
-    Switch Transformer). Capacity is the layer's (:class:`sparsemoe.dispatch.Capacity`; the
+    Switch Transformer). Capacity is the layer's (:class:`sparsemoe.Capacity`; the
     paper's ``capacity_factor`` 1.0–1.25).
 
     Where ``transformers``' Switch router jitters the float32 hidden states in place (so the

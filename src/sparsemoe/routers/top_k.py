@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .._checks import check_top_k
+from .._checks import check_bool, check_top_k
 from .base import LinearRouter, Routing
 
 
@@ -28,9 +28,9 @@ class TopKRouter(LinearRouter):
         num_experts: ``n``.
         k: experts per token.
         normalize: renormalise the kept probabilities to sum to 1.
-        w_importance, w_switch, w_z, bias, hidden: see :class:`LinearRouter` (``hidden=h``: the
-            gating network of Eigen et al. 2013, ``relu(x·A + a)·W_g + b``, kept top-k: the
-            sparse Deep Mixture of Experts).
+        w_importance, w_switch, w_z, bias, gate_hidden: see :class:`LinearRouter`
+            (``gate_hidden=h``: the gating network of Eigen et al. 2013,
+            ``relu(x·A + a)·W_g + b``, kept top-k: the sparse Deep Mixture of Experts).
 
     Shape:
         ``w_gate [d, n]`` (``[h, n]`` with a hidden layer); forward ``[T, d] -> Routing`` with
@@ -40,12 +40,12 @@ class TopKRouter(LinearRouter):
     def __init__(
         self, d_model: int, num_experts: int, k: int = 2, *, normalize: bool = True,
         w_importance: float = 0.0, w_switch: float = 1e-2, w_z: float = 0.0, bias: bool = False,
-        hidden: int | None = None,
+        gate_hidden: int | None = None, hidden: int | None = None,
     ) -> None:
         super().__init__(d_model, num_experts, w_importance=w_importance, w_switch=w_switch,
-                         w_z=w_z, bias=bias, hidden=hidden)
+                         w_z=w_z, bias=bias, gate_hidden=gate_hidden, hidden=hidden)
         self.k = check_top_k("k", k, num_experts)
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
 
     def forward(self, x: Tensor) -> Routing:
         logits = self.logits(x)

@@ -99,3 +99,13 @@ def test_dense_path_arguments():
     with pytest.raises(ValueError, match=r"budget must be a number in \[0, 1\], got 1.5"):
         ConditionalMoE(TopKRouter(4, 2, 1), FeedForwardExperts(2, 4, 4),
                        FeedForwardExperts(1, 4, 4), budget=1.5)
+
+
+def test_shared_module_is_a_deprecated_alias_of_dense_paths():
+    import importlib
+    import sys
+
+    sys.modules.pop("sparsemoe.shared", None)
+    with pytest.warns(DeprecationWarning, match="sparsemoe.dense_paths"):
+        shared = importlib.import_module("sparsemoe.shared")
+    assert shared.SharedExpertMoE is SharedExpertMoE and shared.ConditionalMoE is ConditionalMoE

@@ -1,0 +1,292 @@
+"""The exchange of expert parallelism: the differentiable ``all_to_all``, the
+:class:`ExpertParallel` bank, the experts' split over the ranks and the per-rank random stream.
+
+Below :mod:`sparsemoe.layers`: it imports the dispatch and the expert banks, never a layer.
+See :mod:`sparsemoe.parallel` for the algorithm.
+
+Index letters: ``W`` ranks, ``n`` experts, ``n_l = n/W`` experts per rank, ``N`` rows this
+rank sends, ``M`` rows this rank's experts compute, ``d`` width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .._checks import autocast_dtype, check_expert_bank
+from ..dispatch import SortedPairs, gather_tokens, sort_by_expert, unsort
+from ..experts import FeedForwardExperts
+
+ProcessGroup = dist.ProcessGroup
+
+
+def _exchange(x: Tensor, recv_rows: list[int], send_rows: list[int], group) -> Tensor:
+    out = x.new_empty((sum(recv_rows), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_rows, send_rows, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, recv_rows, send_rows, group, anchor):
+        ctx.rows, ctx.group = (recv_rows, send_rows), group
+        return _exchange(x, recv_rows, send_rows, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        recv_rows, send_rows = ctx.rows
+        return _exchange(grad, send_rows, recv_rows, ctx.group), None, None, None, None
+
+
+def all_to_all(
+    x: Tensor, recv_rows: list[int], send_rows: list[int], group: ProcessGroup | None = None
+) -> Tensor:
+    """Differentiable ``all_to_all_single`` with uneven splits: rows ``send_rows[j]`` of ``x``
+    go to rank ``j``; ``recv_rows[j]`` rows come from rank ``j``, in rank order.
+
+    The backward is the reverse exchange. It runs on every rank whenever gradients are
+    enabled, even where ``x`` does not require a gradient: the other ranks' gradients pass
+    through this rank's exchange, so skipping it would leave them waiting.
+
+    Args:
+        x: ``[sum(send_rows), ...]``.
+        recv_rows, send_rows: ``W`` row counts each.
+        group: the process group (None: the default group).
+
+    Returns:
+        ``[sum(recv_rows), ...]``.
+    """
+    anchor = torch.empty(0, device=x.device, requires_grad=True)
+    return _AllToAll.apply(x, recv_rows, send_rows, group, anchor)
+
+
+@dataclass(frozen=True)
+class ExchangeStats:
+    """What one forward of an :class:`ExpertParallel` bank moved, seen from one rank.
+
+    Bytes "sent" leave the rank: the rows a rank keeps for its own experts are not counted.
+    A training step moves each exchange twice: the backward sends the gradients of the rows
+    it received, in the reverse direction.
+
+    Attributes:
+        rank: this rank's index in the group.
+        rows_sent: ``[W]`` rows dispatched to each rank (own rank included).
+        rows_received: ``[W]`` rows received from each rank; the combine returns them.
+        bytes_in_row: bytes of one dispatched row (``d`` × element size).
+        bytes_out_row: bytes of one returned row (``d_out`` × element size).
+        count_bytes: bytes of the per-expert counts sent to the other ranks.
+        multiply_adds_per_row: of the local experts (None when the bank does not say).
+        io_per_row: numbers entering and leaving an expert per row (``d + d_out``).
+    """
+
+    rank: int
+    rows_sent: tuple[int, ...]
+    rows_received: tuple[int, ...]
+    bytes_in_row: int
+    bytes_out_row: int
+    count_bytes: int
+    multiply_adds_per_row: int | None
+    io_per_row: int
+
+    @property
+    def remote_rows_sent(self) -> int:
+        return sum(self.rows_sent) - self.rows_sent[self.rank]
+
+    @property
+    def remote_rows_received(self) -> int:
+        return sum(self.rows_received) - self.rows_received[self.rank]
+
+    @property
+    def forward_bytes_sent(self) -> int:
+        """Dispatched rows to other ranks, their outputs back to them, and the counts."""
+        return (self.remote_rows_sent * self.bytes_in_row
+                + self.remote_rows_received * self.bytes_out_row + self.count_bytes)
+
+    @property
+    def backward_bytes_sent(self) -> int:
+        """The reverse exchanges: gradients of the returned rows, then of the dispatched ones."""
+        return (self.remote_rows_sent * self.bytes_out_row
+                + self.remote_rows_received * self.bytes_in_row)
+
+    @property
+    def step_bytes_sent(self) -> int:
+        """Bytes sent in one training step (forward and backward) by this layer."""
+        return self.forward_bytes_sent + self.backward_bytes_sent
+
+    @property
+    def expert_multiply_adds(self) -> int | None:
+        """Multiply-adds of this rank's experts in the forward (``M`` rows), or None."""
+        if self.multiply_adds_per_row is None:
+            return None
+        return sum(self.rows_received) * self.multiply_adds_per_row
+
+    @property
+    def step_expert_multiply_adds(self) -> int | None:
+        """Multiply-adds of this rank's experts in one training step: the forward and, in the
+        backward, two products of the same size per matmul (input and weight gradients)."""
+        forward = self.expert_multiply_adds
+        return None if forward is None else 3 * forward
+
+    @property
+    def compute_to_io(self) -> float | None:
+        """Expert multiply-adds per number entering or leaving an expert: the hidden width
+        ``h`` for one-hidden-layer experts (the paper's §3.2)."""
+        if self.multiply_adds_per_row is None:
+            return None
+        return self.multiply_adds_per_row / self.io_per_row
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """The scalar quantities, for logging."""
+        return {"forward_bytes_sent": self.forward_bytes_sent,
+                "step_bytes_sent": self.step_bytes_sent,
+                "expert_multiply_adds": self.expert_multiply_adds,
+                "step_expert_multiply_adds": self.step_expert_multiply_adds,
+                "compute_to_io": self.compute_to_io,
+                "rows_computed": sum(self.rows_received)}
+
+
+def require_distributed() -> None:
+    """Raise a RuntimeError that says how to start one unless a default process group is
+    initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert parallelism needs an initialised torch.distributed process "
+                           "group: call torch.distributed.init_process_group() first (torchrun "
+                           "sets up its environment)")
+
+
+def local_share(num_experts: int, group: ProcessGroup | None = None) -> tuple[int, int]:
+    """``(n/W, first expert)`` of this rank for ``num_experts`` experts over ``group``.
+
+    Raises:
+        RuntimeError: the default process group is not initialised.
+        ValueError: ``num_experts`` is not divisible by the group's size.
+    """
+    require_distributed()
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if num_experts % world:
+        raise ValueError(f"num_experts ({num_experts}) must be divisible by the process group's "
+                         f"size ({world}): every rank holds num_experts / size experts")
+    n_local = num_experts // world
+    return n_local, rank * n_local
+
+
+class ExpertParallel(nn.Module):
+    """An expert bank whose ``n`` experts are spread over the ``W`` ranks of a process group.
+
+    It holds this rank's ``n/W`` experts in :attr:`local` (any expert bank; the experts of rank
+    ``r`` are the global experts ``r·n/W …``) and behaves as a bank of all ``n``: rows sorted
+    by global expert go in, their outputs come out in the same order. Between, the rows travel
+    to the rank of their expert and back (see the module docstring); the local bank runs the
+    same grouped path as one process. Under autocast the rows travel in the autocast dtype
+    (the experts would cast them anyway), halving the bytes for bfloat16.
+
+    After each forward, :attr:`last_exchange` holds the :class:`ExchangeStats`.
+
+    Args:
+        local: this rank's expert bank (``num_experts`` = ``n/W``).
+        group: the process group (None: the default group).
+
+    Shape:
+        ``[N, d]`` rows sorted by global expert, with :class:`~sparsemoe.dispatch.SortedPairs` over
+        ``n`` experts → ``[N, d_out]``.
+    """
+
+    def __init__(self, local: nn.Module, group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        check_expert_bank("local", local)
+        require_distributed()
+        self.local = local
+        self.group = group
+        self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.num_local_experts = local.num_experts
+        self.num_experts = local.num_experts * self.world_size
+        self.first_expert = self.rank * self.num_local_experts
+        self.last_exchange: ExchangeStats | None = None
+
+    def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
+        w, n_local = self.world_size, self.num_local_experts
+        send = routes.tokens_per_expert.reshape(w, n_local).contiguous()  # [W, n_l]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # [W, n_l] from each rank
+        send_rows, recv_rows = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync
+        dt = autocast_dtype(x.device.type)
+        if dt is not None:
+            x = x.to(dt)
+        x_recv = all_to_all(x, recv_rows, send_rows, self.group)  # [M, d]: by rank, then expert
+        m = x_recv.shape[0]
+        expert = torch.arange(n_local, device=x.device).repeat(w)
+        expert = expert.repeat_interleave(recv.reshape(-1), output_size=m)  # [M] local expert
+        local_routes = sort_by_expert(expert[:, None], n_local)
+        y_local = self.local(gather_tokens(x_recv, local_routes, 1), local_routes)
+        y = all_to_all(unsort(y_local, local_routes), send_rows, recv_rows, self.group)
+        self.last_exchange = ExchangeStats(
+            rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
+            bytes_in_row=x.shape[1] * x.element_size(),
+            bytes_out_row=y_local.shape[1] * y_local.element_size(),
+            count_bytes=(w - 1) * n_local * send.element_size(),
+            multiply_adds_per_row=getattr(self.local, "multiply_adds_per_row", None),
+            io_per_row=x.shape[1] + y_local.shape[1],
+        )
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, world_size={self.world_size}, "
+                f"rank={self.rank}, experts {self.first_expert}..."
+                f"{self.first_expert + self.num_local_experts - 1} on this rank")
+
+
+def rank_seed(group: ProcessGroup | None = None) -> int:
+    """A seed of this rank's own: one number drawn from the default stream (the same on every
+    rank, so the default stream stays the same across ranks) plus the rank."""
+    return int(torch.randint(2**62, ())) + dist.get_rank(group)
+
+
+@contextmanager
+def rank_seeded(group: ProcessGroup | None = None) -> Iterator[None]:
+    """Draw from a random stream of this rank's own (seeded by :func:`rank_seed`), leaving the
+    default stream as every other rank leaves it.
+
+    For the initialisation of local experts: built from the same seed on every rank, they
+    would otherwise be copies of each other.
+    """
+    seed = rank_seed(group)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def shard_experts(bank: FeedForwardExperts, group: ProcessGroup | None = None) -> ExpertParallel:
+    """This rank's share of a whole bank: experts ``r·n/W … (r+1)·n/W − 1`` of ``bank``
+    (copied; ``bank`` is left unchanged), as an :class:`ExpertParallel` bank over ``group``.
+
+    Raises:
+        TypeError: ``bank`` is not a :class:`~sparsemoe.experts.FeedForwardExperts`.
+        ValueError: its number of experts is not divisible by the group's size.
+    """
+    check_feed_forward_bank(bank, "bank")
+    n_local, first = local_share(bank.num_experts, group)
+    with torch.device("meta"):  # no initialisation work, no draw from the random stream
+        local = FeedForwardExperts(n_local, bank.d_model, bank.hidden,
+                                   activation=bank.activation, bias=bank.b1 is not None,
+                                   impl=bank.impl, recompute=bank.recompute,
+                                   reuse_grad_memory=bool(bank.grad_buffers))
+    for name, p in bank.named_parameters(recurse=False):
+        share = p.detach()[first : first + n_local].clone()
+        setattr(local, name, nn.Parameter(share, requires_grad=p.requires_grad))
+    return ExpertParallel(local, group)
+
+
+def check_feed_forward_bank(bank: nn.Module, name: str) -> None:
+    """``bank`` must be a :class:`~sparsemoe.experts.FeedForwardExperts` (parameters stacked
+    over the experts), the one bank whose experts can be sliced and gathered."""
+    if not isinstance(bank, FeedForwardExperts):
+        raise TypeError(
+            f"{name} must be a FeedForwardExperts bank (parameters stacked over the experts) to "
+            f"be sharded or resharded, got {type(bank).__name__}; for other banks build each "
+            f"rank's experts yourself and wrap them in ExpertParallel(local_bank, group)"
+        )
