@@ -4,18 +4,26 @@ the peers' implementations with the same weights, and the machine's own limits.
     python benchmarks/suite.py                                   # the full grid, ~30 min, 2 cores
     python benchmarks/suite.py --experts 8 64 --k 2 --repeats 3  # a quick look
     python benchmarks/suite.py --out runs/bench                  # also suite.json and suite.md
+    python benchmarks/suite.py --device cuda --sections paper peers --out runs/gpu   # a GPU
 
-For every (experts n, k) of the grid (d_model 512, expert hidden 1024, 8192 tokens, float32):
+On a GPU the defaults are the GPU grid: n = 8, 64, 512, float32 and bfloat16 (autocast: float32
+parameters, bfloat16 matmuls, float32 routing), 8192 and 65,536 tokens, and the layer compiled
+with ``torch.compile`` (inductor) as a third contender. On a CPU: n = 8…4096, float32, 8192
+tokens, no compiled contender (``--dtypes``, ``--tokens``, ``--compile`` choose).
+
+For every (dtype, tokens, experts n, k) of the grid (d_model 512, expert hidden 1024):
 
 - **paper** — sparsemoe's :class:`~sparsemoe.MoE` (noisy top-k gating, ReLU experts, the
   balancing losses; hierarchical 64×64 :class:`~sparsemoe.HierarchicalMoE` at n = 4096, k
   split as k_primary × k_secondary = 1×1, 1×2, 2×2) against a dense ReLU FFN of hidden k·h, the
-  compute-matched ideal, and against the roofline floor
+  compute-matched ideal, against the same layer under ``torch.compile`` (when asked), and
+  against the roofline floor
   ``max(FLOPs / peak FLOP/s, bytes / bandwidth)``. FLOPs: 3× the forward's (the backward does
   two matmuls per forward matmul), gating included. Bytes: the minimum traffic of a
   forward+backward over the weights — each used expert's weights read in the forward, read
   again in the backward and their gradient written once (3× their bytes), same for the gates.
-  Peak FLOP/s is a large square matmul and bandwidth a large copy, both measured in this run.
+  Peak FLOP/s is a large square matmul (in the run's dtype) and bandwidth a large copy, both
+  measured in this run; bytes count the compute dtype's element size.
 - **peers** — a Mixtral block of ``transformers`` (softmax top-k router, SwiGLU experts) with
   each of its expert implementations (``eager`` loop, ``grouped_mm``, ``batched_mm``) against
   the sparsemoe layer converted from it (:func:`sparsemoe.interop.from_transformers`); the
@@ -33,7 +41,9 @@ For every (experts n, k) of the grid (d_model 512, expert hidden 1024, 8192 toke
   activations and temporaries can be read off.
 
 Timings are medians of ``--repeats`` forward+backward steps after one warm-up; the contenders
-alternate, each repeat starting with the next one, so that machine noise hits all alike. The
+alternate, each repeat starting with the next one, so that machine noise hits all alike. A
+contender that fails (an implementation a device or dtype lacks, memory) is reported with its
+error in the row and the table, and the others still run. The
 expert hidden width is halved where 2× the SwiGLU experts (parameters and gradients) would not
 fit in ``--memory-gb``; the table says which h ran (at n = 4096 this machine runs h = 256: the
 bytes per multiply-add, hence the roofline regime, do not depend on h).
@@ -42,6 +52,7 @@ bytes per multiply-add, hence the roofline regime, do not depend on h).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -59,11 +70,34 @@ from torch import nn
 import sparsemoe
 
 F32 = 4  # bytes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``--clock``: the wall clock, or the process's CPU time (one thread on a shared machine: the
+time spent waiting for a core is left out)."""
+_clock = CLOCK["wall"]
 
 
 def _synchronize(device: str) -> None:
-    if device == "cuda":
+    if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _autocast(device_type: str, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype``, or no autocast for None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
+def _describe(err: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters of it)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _median_time(fn, repeats: int, device: str) -> float:
@@ -71,20 +105,22 @@ def _median_time(fn, repeats: int, device: str) -> float:
     times = []
     for _ in range(repeats):
         _synchronize(device)
-        start = time.perf_counter()
+        start = _clock()
         fn()
         _synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(_clock() - start)
     return statistics.median(times)
 
 
-def machine_limits(device: str, repeats: int = 5) -> dict:
-    """Peak matmul FLOP/s (4096² float32) and copy bandwidth (1 GiB, bytes read + written)."""
-    a = torch.randn(4096, 4096, device=device)
-    b = torch.randn(4096, 4096, device=device)
-    out = torch.empty(4096, 4096, device=device)
-    flops = 2 * 4096**3 / _median_time(lambda: torch.mm(a, b, out=out), repeats, device)
-    src = torch.randn(2**28, device=device)
+def machine_limits(device: str, repeats: int = 5, dtype: torch.dtype = torch.float32,
+                   size: int = 4096, copy_elements: int = 2**28) -> dict:
+    """Peak matmul FLOP/s (``size``² in ``dtype``) and copy bandwidth (``copy_elements`` float32,
+    1 GiB by default, bytes read + written)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    flops = 2 * size**3 / _median_time(lambda: torch.mm(a, b, out=out), repeats, device)
+    src = torch.randn(copy_elements, device=device)
     dst = torch.empty_like(src)
     bandwidth = 2 * src.nbytes / _median_time(lambda: dst.copy_(src), repeats, device)
     return {"matmul_flops": flops, "copy_bytes_per_s": bandwidth}
@@ -121,15 +157,18 @@ def dense_ffn(d: int, hidden: int) -> nn.Module:
                          nn.Linear(hidden, d, bias=False))
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None):
-    """One forward+backward with a fixed output gradient (plus the layer's aux loss)."""
-    forward = forward or model
+def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None,
+            autocast: torch.dtype | None = None):
+    """One forward+backward with a fixed output gradient (plus the layer's aux loss); the
+    forward under ``torch.autocast`` to ``autocast`` when given."""
+    forward = model if forward is None else forward
 
     def run():
         model.zero_grad(set_to_none=True)
         x.grad = None
-        y = forward(x)
-        loss = (y * grad).sum()
+        with _autocast(x.device.type, autocast):
+            y = forward(x)
+        loss = (y.float() * grad).sum()
         aux = getattr(model, "aux_loss", None)
         if isinstance(aux, torch.Tensor):
             loss = loss + aux
@@ -138,19 +177,31 @@ def step_fn(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None)
     return run
 
 
-def time_alternating(runs: dict, repeats: int, device: str) -> dict:
-    """Median seconds per contender; repeat r starts with contender r (round robin)."""
-    names = list(runs)
-    for name in names:  # warm-up
-        runs[name]()
+def time_alternating(runs: dict, repeats: int, device: str, errors: dict | None = None) -> dict:
+    """Median seconds per contender; repeat r starts with contender r (round robin).
+
+    With ``errors`` given, a contender whose warm-up step raises is left out of the timing and
+    its error recorded there (``{name: "Type: message"}``); without, the error propagates.
+    """
+    names = []
+    for name in runs:  # warm-up
+        try:
+            runs[name]()
+        except Exception as err:  # any failure is recorded; the other contenders still run
+            if errors is None:
+                raise
+            errors[name] = _describe(err)
+            _release(device)
+            continue
+        names.append(name)
     times = {name: [] for name in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             _synchronize(device)
-            start = time.perf_counter()
+            start = _clock()
             runs[name]()
             _synchronize(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append(_clock() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -168,31 +219,76 @@ def roofline(madds: float, weight_bytes: float, limits: dict) -> float:
                3 * weight_bytes / limits["copy_bytes_per_s"])
 
 
-def bench_paper(d, n, k, h, tokens, repeats, device, limits, hier) -> dict:
+def _ms(med: dict, name: str) -> float | None:
+    return 1e3 * med[name] if name in med else None
+
+
+def _ratio(med: dict, a: str, b: str) -> float | None:
+    return med[a] / med[b] if a in med and b in med else None
+
+
+def _with_impl(bank: nn.Module, impl: str, run):
+    """``run`` with the expert bank's grouped-matmul implementation switched to ``impl``."""
+    def switched():
+        saved, bank.impl = bank.impl, impl
+        try:
+            run()
+        finally:
+            bank.impl = saved
+    return switched
+
+
+def bench_paper(d, n, k, h, tokens, repeats, device, limits, hier,
+                dtype: str = "float32", compile_backend: str | None = None,
+                baseline_impl: str | None = None) -> dict:
+    """One row of the paper section; ``dtype`` "bfloat16" runs every contender under autocast,
+    ``compile_backend`` adds the layer compiled with ``torch.compile(backend=...)``,
+    ``baseline_impl`` the same layer with its experts on another grouped-matmul implementation
+    (before/after comparisons in one run)."""
     torch.manual_seed(0)
     moe = paper_layer(d, n, k, h, hier).to(device)
     dense = dense_ffn(d, k * h).to(device)
     x = torch.randn(tokens, d, device=device, requires_grad=True)
     grad = torch.randn(tokens, d, device=device)
-    med = time_alternating({"dense": step_fn(dense, x, grad), "sparsemoe": step_fn(moe, x, grad)},
-                           repeats, device)
+    autocast = None if dtype == "float32" else DTYPES[dtype]
+    runs = {"dense": step_fn(dense, x, grad, autocast=autocast),
+            "sparsemoe": step_fn(moe, x, grad, autocast=autocast)}
+    if baseline_impl:
+        runs["baseline"] = _with_impl(moe.experts, baseline_impl,
+                                      step_fn(moe, x, grad, autocast=autocast))
+    if compile_backend:
+        torch._dynamo.reset()
+        runs["compiled"] = step_fn(moe, x, grad, torch.compile(moe, backend=compile_backend),
+                                   autocast=autocast)
+    errors: dict = {}
+    med = time_alternating(runs, repeats, device, errors)
+    with torch.no_grad(), _autocast(torch.device(device).type, autocast):
+        moe(x)  # the eager layer's statistics (the compiled one may have run last)
     used = int((moe.stats.tokens_per_expert > 0).sum())
     bank = moe.experts
-    expert_bytes = used * (bank.w1[0].numel() + bank.w2[0].numel()) * F32
-    gate_bytes = sum(p.numel() for p in moe.router.parameters()) * F32
+    size = DTYPES[dtype].itemsize
+    expert_bytes = used * (bank.w1[0].numel() + bank.w2[0].numel()) * size
+    gate_bytes = sum(p.numel() for p in moe.router.parameters()) * size
     madds = tokens * k * 2 * d * h + gating_madds(d, n, tokens, hier)
     floor = roofline(madds, expert_bytes + gate_bytes, limits)
-    dense_floor = roofline(tokens * 2 * d * k * h, 2 * d * k * h * F32, limits)
+    dense_floor = roofline(tokens * 2 * d * k * h, 2 * d * k * h * size, limits)
     return {
-        "section": "paper", "experts": n, "k": k, "hidden": h, "tokens": tokens,
+        "section": "paper", "dtype": dtype, "experts": n, "k": k, "hidden": h, "tokens": tokens,
         "hierarchical": None if hier is None else f"{hier[0]}x{hier[1]} k={hier[2]}x{hier[3]}",
         "tokens_per_expert": tokens * k / n, "experts_used": used,
-        "dense_ms": 1e3 * med["dense"], "sparsemoe_ms": 1e3 * med["sparsemoe"],
+        "dense_ms": _ms(med, "dense"), "sparsemoe_ms": _ms(med, "sparsemoe"),
+        "compiled_ms": _ms(med, "compiled"), "compile_backend": compile_backend,
+        "baseline_ms": _ms(med, "baseline"), "baseline_impl": baseline_impl,
+        "sparsemoe_over_baseline": _ratio(med, "sparsemoe", "baseline"),
+        "baseline_over_dense": _ratio(med, "baseline", "dense"),
         "roofline_ms": 1e3 * floor, "dense_roofline_ms": 1e3 * dense_floor,
-        "sparsemoe_over_dense": med["sparsemoe"] / med["dense"],
-        "sparsemoe_over_roofline": med["sparsemoe"] / floor,
-        "dense_over_roofline": med["dense"] / dense_floor,
+        "sparsemoe_over_dense": _ratio(med, "sparsemoe", "dense"),
+        "compiled_over_sparsemoe": _ratio(med, "compiled", "sparsemoe"),
+        "compiled_over_dense": _ratio(med, "compiled", "dense"),
+        "sparsemoe_over_roofline": med["sparsemoe"] / floor if "sparsemoe" in med else None,
+        "dense_over_roofline": med["dense"] / dense_floor if "dense" in med else None,
         "max_over_mean_load": moe.stats.max_over_mean_load,
+        "errors": errors,
     }
 
 
@@ -223,8 +319,11 @@ def sharing_layer(block: nn.Module) -> nn.Module:
     return layer
 
 
-def bench_peers(d, n, k, h, tokens, repeats, device, memory_bytes, eager_max_bytes) -> dict:
+def bench_peers(d, n, k, h, tokens, repeats, device, memory_bytes, eager_max_bytes,
+                dtype: str = "float32") -> dict:
+    """One row of the peers section; ``dtype`` "bfloat16" runs every contender under autocast."""
     torch.manual_seed(0)
+    autocast = None if dtype == "float32" else DTYPES[dtype]
     block = mixtral_block(d, n, k, h).to(device)
     layer = sharing_layer(block)
     x = torch.randn(tokens, d, device=device, requires_grad=True)
@@ -246,19 +345,28 @@ def bench_peers(d, n, k, h, tokens, repeats, device, memory_bytes, eager_max_byt
             return (out[0] if isinstance(out, tuple) else out)[0]
         return forward
 
-    with torch.no_grad():
-        ref = layer(x)
-        errors = {impl: float((hf(impl)(x) - ref).abs().max()) for impl in impls}
-    runs = {"sparsemoe": step_fn(layer, x, grad)}
-    runs.update({f"hf_{impl}": step_fn(block, x, grad, hf(impl)) for impl in impls})
-    med = time_alternating(runs, repeats, device)
-    row = {"section": "peers", "experts": n, "k": k, "hidden": h, "tokens": tokens,
-           "tokens_per_expert": tokens * k / n, "sparsemoe_ms": 1e3 * med["sparsemoe"],
-           "max_abs_output_error": max(errors.values())}
+    failures: dict = {}
+    output_errors = {}
+    with torch.no_grad(), _autocast(torch.device(device).type, autocast):
+        ref = layer(x).float()
+        for impl in impls:
+            try:
+                output_errors[impl] = float((hf(impl)(x).float() - ref).abs().max())
+            except Exception as err:  # any failure is recorded; the other contenders still run
+                failures[f"hf_{impl}"] = _describe(err)
+    runs = {"sparsemoe": step_fn(layer, x, grad, autocast=autocast)}
+    runs.update({f"hf_{impl}": step_fn(block, x, grad, hf(impl), autocast=autocast)
+                 for impl in impls if f"hf_{impl}" not in failures})
+    med = time_alternating(runs, repeats, device, failures)
+    row = {"section": "peers", "dtype": dtype, "experts": n, "k": k, "hidden": h,
+           "tokens": tokens, "tokens_per_expert": tokens * k / n,
+           "sparsemoe_ms": _ms(med, "sparsemoe"),
+           "max_abs_output_error": max(output_errors.values(), default=None),
+           "errors": failures}
     for impl in ("eager", "grouped_mm", "batched_mm"):
         if impl in impls:
-            row[f"hf_{impl}_ms"] = 1e3 * med[f"hf_{impl}"]
-            row[f"sparsemoe_over_hf_{impl}"] = med["sparsemoe"] / med[f"hf_{impl}"]
+            row[f"hf_{impl}_ms"] = _ms(med, f"hf_{impl}")
+            row[f"sparsemoe_over_hf_{impl}"] = _ratio(med, "sparsemoe", f"hf_{impl}")
         elif impl == "eager":
             row["hf_eager_ms"] = None
             row["hf_eager_skipped"] = (f"n = {n}: its backward would write "
@@ -348,35 +456,55 @@ def _table(title: str, columns: list[str], cells: list[list]) -> list[str]:
             *("| " + " | ".join(str(c) for c in row) + " |" for row in cells), ""]
 
 
+def _errors(rows: list[dict]) -> list[str]:
+    """The contenders that failed, one line each, after a table (and its blank line)."""
+    lines = [f"- {r['dtype']}, T = {r['tokens']}, n = {r['experts']}, k = {r['k']}: {name} "
+             f"failed: {err}" for r in rows for name, err in r["errors"].items()]
+    return ["", *lines, ""] if lines else [""]
+
+
 def tables(rows: list[dict], limits: dict, header: str) -> str:
-    out = [header, "",
-           f"Measured limits: matmul {limits['matmul_flops'] / 1e9:.0f} GFLOP/s, copy "
-           f"{limits['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write).", ""]
+    """The Markdown report; ``limits`` maps each dtype to :func:`machine_limits`."""
+    out = [header, ""]
+    for dtype, lim in limits.items():
+        out.append(f"Measured limits ({dtype}): matmul {lim['matmul_flops'] / 1e9:.0f} GFLOP/s, "
+                   f"copy {lim['copy_bytes_per_s'] / 1e9:.1f} GB/s (read + write).")
+    out.append("")
     paper = [r for r in rows if r["section"] == "paper"]
     if paper:
         out += _table(
             "The paper's layer vs the compute-matched dense FFN and the roofline",
-            ["n", "k", "h", "tokens/expert", "dense ms", "sparsemoe ms", "roofline ms",
-             "sparsemoe/dense", "sparsemoe/roofline", "dense/roofline", "max/mean load"],
-            [[f"{r['experts']} ({r['hierarchical']})" if r["hierarchical"] else r["experts"],
-              r["k"], r["hidden"], f"{r['tokens_per_expert']:.0f}", f"{r['dense_ms']:.0f}",
-              f"{r['sparsemoe_ms']:.0f}", f"{r['roofline_ms']:.0f}",
-              f"{r['sparsemoe_over_dense']:.2f}", f"{r['sparsemoe_over_roofline']:.2f}",
-              f"{r['dense_over_roofline']:.2f}", f"{r['max_over_mean_load']:.2f}"]
+            ["dtype", "T", "n", "k", "h", "tokens/expert", "dense ms", "sparsemoe ms",
+             "compiled ms", "baseline ms", "roofline ms", "sparsemoe/dense",
+             "compiled/sparsemoe", "baseline/dense", "sparsemoe/baseline", "sparsemoe/roofline",
+             "dense/roofline", "max/mean load"],
+            [[r["dtype"], r["tokens"],
+              f"{r['experts']} ({r['hierarchical']})" if r["hierarchical"] else r["experts"],
+              r["k"], r["hidden"], f"{r['tokens_per_expert']:.0f}", _fmt(r["dense_ms"], ".1f"),
+              _fmt(r["sparsemoe_ms"], ".1f"), _fmt(r["compiled_ms"], ".1f"),
+              _fmt(r["baseline_ms"], ".1f"), f"{r['roofline_ms']:.1f}",
+              _fmt(r["sparsemoe_over_dense"], ".2f"), _fmt(r["compiled_over_sparsemoe"], ".2f"),
+              _fmt(r["baseline_over_dense"], ".2f"), _fmt(r["sparsemoe_over_baseline"], ".2f"),
+              _fmt(r["sparsemoe_over_roofline"], ".2f"), _fmt(r["dense_over_roofline"], ".2f"),
+              f"{r['max_over_mean_load']:.2f}"]
              for r in paper])
+        out[-1:] = _errors(paper)
     peers = [r for r in rows if r["section"] == "peers"]
     if peers:
         out += _table(
             "Same weights: sparsemoe vs transformers' Mixtral experts",
-            ["n", "k", "h", "sparsemoe ms", "eager ms", "grouped_mm ms", "batched_mm ms",
-             "sparsemoe/eager", "sparsemoe/grouped_mm", "sparsemoe/batched_mm", "max abs err"],
-            [[r["experts"], r["k"], r["hidden"], f"{r['sparsemoe_ms']:.0f}",
-              _fmt(r["hf_eager_ms"], ".0f"), _fmt(r["hf_grouped_mm_ms"], ".0f"),
-              _fmt(r["hf_batched_mm_ms"], ".0f"), _fmt(r.get("sparsemoe_over_hf_eager"), ".2f"),
+            ["dtype", "T", "n", "k", "h", "sparsemoe ms", "eager ms", "grouped_mm ms",
+             "batched_mm ms", "sparsemoe/eager", "sparsemoe/grouped_mm", "sparsemoe/batched_mm",
+             "max abs err"],
+            [[r["dtype"], r["tokens"], r["experts"], r["k"], r["hidden"],
+              _fmt(r["sparsemoe_ms"], ".1f"), _fmt(r["hf_eager_ms"], ".1f"),
+              _fmt(r["hf_grouped_mm_ms"], ".1f"), _fmt(r["hf_batched_mm_ms"], ".1f"),
+              _fmt(r.get("sparsemoe_over_hf_eager"), ".2f"),
               _fmt(r.get("sparsemoe_over_hf_grouped_mm"), ".2f"),
               _fmt(r.get("sparsemoe_over_hf_batched_mm"), ".2f"),
-              f"{r['max_abs_output_error']:.1e}"]
+              _fmt(r["max_abs_output_error"], ".1e")]
              for r in peers])
+        out[-1:] = _errors(peers)
         for impl in ("eager", "batched_mm"):
             skipped = [r[f"hf_{impl}_skipped"] for r in peers if f"hf_{impl}_skipped" in r]
             if skipped:
@@ -396,12 +524,45 @@ def tables(rows: list[dict], limits: dict, header: str) -> str:
     return "\n".join(out)
 
 
+def run_cell(args, dtype, tokens, n, k, h, limits, memory_bytes, backend, with_memory):
+    """The asked sections for one (dtype, tokens, n, k), each row printed as it is done."""
+    rows = []
+    hier = hierarchical_split(n, k, args.hierarchical_from)
+    if "paper" in args.sections:
+        rows.append(bench_paper(args.d, n, k, h, tokens, args.repeats, args.device, limits,
+                                hier, dtype, backend, args.baseline_impl))
+        print(json.dumps(rows[-1]), flush=True)
+    _release(args.device)
+    if "peers" in args.sections:
+        rows.append(bench_peers(args.d, n, k, h, tokens, args.repeats, args.device,
+                                memory_bytes, args.eager_max_gb * 2**30, dtype))
+        print(json.dumps(rows[-1]), flush=True)
+    _release(args.device)
+    if "memory" in args.sections and args.device == "cpu" and with_memory:
+        rows.append(bench_memory(args.d, n, k, h, tokens, hier))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--d", type=int, default=512)
     p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 64, 512, 4096])
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="default: 8192 on a CPU, 8192 and 65536 on a GPU")
+    p.add_argument("--experts", type=int, nargs="+", default=None,
+                   help="default: 8 64 512 4096 on a CPU, 8 64 512 on a GPU")
+    p.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES),
+                   help="bfloat16 runs under autocast; default: float32 on a CPU, both on a GPU")
+    p.add_argument("--compile", default=None, choices=["none", "inductor", "aot_eager", "eager"],
+                   help="torch.compile backend of the compiled contender (paper section); "
+                        "default: inductor on a GPU, none on a CPU")
+    p.add_argument("--clock", default="wall", choices=list(CLOCK),
+                   help="cpu: time the contenders by the process's CPU time (with one thread)")
+    p.add_argument("--baseline-impl", default=None,
+                   choices=[i for i in sparsemoe.dispatch.GROUPED_MM_IMPLS if i != "auto"],
+                   help="add the paper layer with its experts on this grouped-matmul "
+                        "implementation as a contender (before/after in one run)")
     p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--hierarchical-from", type=int, default=4096,
                    help="n at which the paper's layer is hierarchical (√n × √n)")
@@ -420,33 +581,37 @@ def main() -> None:
     if args.probe:
         print(json.dumps(memory_probe(json.loads(args.probe))))
         return
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    global _clock
+    _clock = CLOCK[args.clock]
+    gpu = args.device.startswith("cuda")
+    tokens = args.tokens or ([8192, 65536] if gpu else [8192])
+    experts = args.experts or ([8, 64, 512] if gpu else [8, 64, 512, 4096])
+    dtypes = args.dtypes or (["float32", "bfloat16"] if gpu else ["float32"])
+    backend = args.compile or ("inductor" if gpu else "none")
+    backend = None if backend == "none" else backend
+    if gpu:
+        total = torch.cuda.get_device_properties(torch.device(args.device)).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     memory_bytes = (args.memory_gb * 2**30) if args.memory_gb else 0.6 * total
-    header = (f"## sparsemoe performance suite — {platform.processor() or platform.machine()}, "
-              f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch "
-              f"{torch.__version__}, device {args.device}, float32, d {args.d}, "
-              f"tokens {args.tokens}, repeats {args.repeats}")
+    device_name = torch.cuda.get_device_name(torch.device(args.device)) if gpu else \
+        (platform.processor() or platform.machine())
+    header = (f"## sparsemoe performance suite — {device_name}, {os.cpu_count()} cores, "
+              f"{torch.get_num_threads()} threads, torch {torch.__version__}, device "
+              f"{args.device}, {'/'.join(dtypes)}, d {args.d}, tokens "
+              f"{'/'.join(map(str, tokens))}, compiled contender {backend}, "
+              f"repeats {args.repeats}")
     print(header, flush=True)
-    limits = machine_limits(args.device)
+    limits = {dt: machine_limits(args.device, dtype=DTYPES[dt]) for dt in dtypes}
     print(f"limits: {limits}", flush=True)
     rows = []
-    for n in args.experts:
-        h = hidden_for(n, args.d, args.hidden, memory_bytes)
-        for k in args.k:
-            hier = hierarchical_split(n, k, args.hierarchical_from)
-            if "paper" in args.sections:
-                rows.append(bench_paper(args.d, n, k, h, args.tokens, args.repeats, args.device,
-                                        limits, hier))
-                print(json.dumps(rows[-1]), flush=True)
-            gc.collect()
-            if "peers" in args.sections:
-                rows.append(bench_peers(args.d, n, k, h, args.tokens, args.repeats, args.device,
-                                        memory_bytes, args.eager_max_gb * 2**30))
-                print(json.dumps(rows[-1]), flush=True)
-            gc.collect()
-            if "memory" in args.sections and args.device == "cpu":
-                rows.append(bench_memory(args.d, n, k, h, args.tokens, hier))
-                print(json.dumps(rows[-1]), flush=True)
+    for dtype in dtypes:
+        for t in tokens:
+            for n in experts:
+                h = hidden_for(n, args.d, args.hidden, memory_bytes)
+                for k in args.k:
+                    rows += run_cell(args, dtype, t, n, k, h, limits[dtype], memory_bytes,
+                                     backend, with_memory=dtype == dtypes[0] and t == tokens[0])
     report = tables(rows, limits, header)
     print(report)
     if args.out:

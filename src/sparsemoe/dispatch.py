@@ -33,13 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import few_rows
 from ._checks import autocast_dtype, check_choice, deprecated_alias
 from .memory import GradientBuffers
 
-GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop")
+GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop", "few_rows")
 """Implementations of :func:`grouped_matmul`: ``"grouped_mm"`` is torch's grouped GEMM,
-``"loop"`` one matmul per non-empty expert (any dtype, any device), ``"auto"`` the first where
-the installed torch supports the device and dtype, else the second."""
+``"loop"`` one matmul per non-empty expert (any dtype, any device), ``"few_rows"`` the CPU kernel
+of :mod:`sparsemoe.few_rows` (float32, bfloat16, float64), ``"auto"`` the kernel on a CPU where
+experts average few rows (:func:`sparsemoe.few_rows.preferred`) and it could be built, else
+``"grouped_mm"`` where the installed torch supports the device and dtype, else ``"loop"``."""
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -134,7 +137,9 @@ def _eager_grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
 
 
 def _grouped_matmul(x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str) -> Tensor:
-    """:func:`grouped_matmul` for a resolved ``impl`` (``"grouped_mm"`` or ``"loop"``)."""
+    """:func:`grouped_matmul` for a resolved ``impl`` (not ``"auto"``)."""
+    if impl == "few_rows":
+        return few_rows.FewRowsMatmul.apply(x, w, tokens_per_expert)
     if impl == "grouped_mm":
         offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
         # torch.compile traces grouped_mm only for bfloat16 (its meta kernel rejects float32,
@@ -170,6 +175,11 @@ class _GroupedMatmulReusingGrad(torch.autograd.Function):
             dx = grads.pop(0) if need_x else None
             return dx, grads.pop(0) if need_w else None, None, None, None
         dy = dy.contiguous()  # an expanded gradient (of a sum) has strides grouped_mm rejects
+        if ctx.impl == "few_rows":
+            dx = few_rows.input_grad(dy, w, tokens_per_expert) if need_x else None
+            dw = few_rows.weight_grad(x, dy, tokens_per_expert, ctx.buffers.take(w)) \
+                if need_w else None
+            return dx, dw, None, None, None
         dx = _grouped_matmul(dy, w.transpose(1, 2), tokens_per_expert, ctx.impl) if need_x else None
         dw = None
         if need_w:
@@ -215,7 +225,15 @@ def grouped_matmul(
         x, w = x.to(dt), w.to(dt)
     if impl == "auto":
         impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
+        if (few_rows.supported(x, w) and x.dtype != torch.float64
+                and few_rows.preferred(x.shape[0], w.shape[0])
+                and not torch.compiler.is_compiling() and few_rows.library() is not None):
+            impl = "few_rows"
     check_choice("impl", impl, GROUPED_MM_IMPLS)
+    if impl == "few_rows" and not few_rows.supported(x, w):
+        raise ValueError(f"impl='few_rows' needs CPU tensors of one dtype among "
+                         f"{tuple(few_rows.DTYPES)}, got x {x.dtype} on {x.device.type}, "
+                         f"w {w.dtype} on {w.device.type}")
     if (grad_buffers is not None and dt is None and w.requires_grad and torch.is_grad_enabled()
             and w.device.type == "cpu" and not torch.compiler.is_compiling()):
         return _GroupedMatmulReusingGrad.apply(x, w, tokens_per_expert, impl, grad_buffers)

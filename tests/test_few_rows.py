@@ -1,0 +1,154 @@
+"""The few-row CPU grouped GEMM (sparsemoe.few_rows) against a float64 loop, gradcheck, and
+its fallback when it cannot be built."""
+
+import warnings
+
+import pytest
+import torch
+
+from sparsemoe import FeedForwardExperts, few_rows
+from sparsemoe.dispatch import equal_routes, grouped_matmul
+from sparsemoe.memory import GradientBuffers
+
+pytestmark = pytest.mark.skipif(few_rows.library() is None,
+                                reason="the few-row kernel could not be built here")
+
+
+def loop_reference(x, w, counts):
+    """Float64 products of each expert's block, one matmul per expert."""
+    x, w = x.double(), w.double()
+    blocks = [xe @ we for xe, we in zip(x.split(counts.tolist()), w.unbind(0), strict=True)]
+    return torch.cat(blocks)
+
+
+def products(x, w, counts, dy, impl, buffers=None):
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    y = grouped_matmul(x, w, counts, impl, buffers)
+    gx, gw = torch.autograd.grad(y, (x, w), dy)
+    return y, gx, gw
+
+
+# Shapes that exercise every path of the kernel: widths that are not a multiple of a vector,
+# more than one 6-row tile per expert, more than one column block (128) and row block (48).
+SHAPES = [(5, 3), (16, 32), (37, 70), (64, 160), (100, 131)]
+COUNTS = [[3, 0, 7, 1, 13, 2], [0, 0, 0, 0, 0, 0], [0, 20, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,q", SHAPES)
+@pytest.mark.parametrize("counts", COUNTS)
+def test_products_match_float64_loop(dtype, p, q, counts):
+    torch.manual_seed(0)
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), p).to(dtype)
+    w = torch.randn(len(counts), p, q).to(dtype)
+    dy = torch.randn(x.shape[0], q).to(dtype)
+    y, gx, gw = products(x, w, counts, dy, "few_rows")
+    assert y.dtype == gx.dtype == gw.dtype == dtype
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    yr = loop_reference(xr, wr, counts)
+    rx, rw = torch.autograd.grad(yr, (xr, wr), dy.double())
+    tol = TOLERANCE[dtype]
+    for got, want in ((y, yr.detach()), (gx, rx), (gw, rw)):
+        scale = max(float(want.abs().amax()) if want.numel() else 0.0, 1.0)  # the largest entry
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
+
+
+def test_gradcheck_and_gradgradcheck():
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 0, 9, 1])
+    x = torch.randn(12, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 7, 19, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, w):
+        return grouped_matmul(x, w, counts, "few_rows")
+
+    assert torch.autograd.gradcheck(fn, (x, w))
+    assert torch.autograd.gradgradcheck(fn, (x, w))
+
+
+def test_reused_gradient_memory_gives_the_same_gradients():
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 3, 8])
+    x, w, dy = torch.randn(16, 24), torch.randn(4, 24, 40), torch.randn(16, 40)
+    buffers = GradientBuffers()
+    _, gx, gw = products(x, w, counts, dy, "few_rows", buffers)
+    _, rx, rw = products(x, w, counts, dy, "loop")
+    torch.testing.assert_close(gx, rx, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(gw, rw, rtol=2e-6, atol=2e-6)
+    assert buffers.nbytes == gw.nbytes  # written into the pool's memory
+
+
+def test_threads_do_not_change_the_result():
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 30, 0, 7] * 8)
+    x, w = torch.randn(int(counts.sum()), 64), torch.randn(32, 64, 256)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = few_rows.forward(x, w, counts)
+        torch.set_num_threads(2)
+        two = few_rows.forward(x, w, counts)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def _calls(monkeypatch):
+    """Count the kernel's forward calls."""
+    calls = []
+    forward = few_rows.forward
+    monkeypatch.setattr(few_rows, "forward", lambda *a: calls.append(1) or forward(*a))
+    return calls
+
+
+def test_auto_uses_the_kernel_for_few_rows_only(monkeypatch):
+    calls = _calls(monkeypatch)
+    w = torch.randn(8, 16, 32)
+    few = few_rows.MAX_ROWS_PER_EXPERT * 8
+    grouped_matmul(torch.randn(few, 16), w, torch.full((8,), few // 8), "auto")
+    assert len(calls) == 1
+    many = few + 8
+    grouped_matmul(torch.randn(many, 16), w, torch.full((8,), many // 8), "auto")
+    assert len(calls) == 1  # torch's grouped GEMM
+    grouped_matmul(torch.randn(16, 16, dtype=torch.float64), w.double(),
+                   torch.full((8,), 2), "auto")
+    assert len(calls) == 1  # float64 keeps the loop's BLAS products
+
+
+def test_expert_bank_runs_on_the_kernel(monkeypatch):
+    calls = _calls(monkeypatch)
+    torch.manual_seed(0)
+    bank = FeedForwardExperts(4, 8, 16)
+    reference = FeedForwardExperts(4, 8, 16, impl="loop")
+    reference.load_state_dict(bank.state_dict())
+    x = torch.randn(12, 8)
+    routes = equal_routes(4, 3)
+    torch.testing.assert_close(bank(x, routes), reference(x, routes), rtol=1e-6, atol=1e-6)
+    assert len(calls) == 2  # both of the bank's matrices
+
+
+def test_build_failure_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SPARSEMOE_CACHE", str(tmp_path))
+    monkeypatch.setattr(few_rows, "_state", {})
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 2, 2, 2])
+    x, w, dy = torch.randn(8, 16), torch.randn(4, 16, 32), torch.randn(8, 32)
+    with pytest.warns(RuntimeWarning, match="could not be built.*using torch's grouped GEMM"):
+        y, gx, gw = products(x, w, counts, dy, "auto")
+    yr, rx, rw = products(x, w, counts, dy, "grouped_mm")
+    assert torch.equal(y, yr) and torch.equal(gx, rx) and torch.equal(gw, rw)
+    with pytest.raises(RuntimeError, match="impl='few_rows' needs the few-row kernel"):
+        grouped_matmul(x, w, counts, "few_rows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the failure is remembered
+        grouped_matmul(x, w, counts, "auto")
+
+
+def test_rejects_unsupported_dtype():
+    x, w = torch.zeros(2, 16, dtype=torch.float16), torch.zeros(1, 16, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"needs CPU tensors .*got x torch.float16 on cpu"):
+        grouped_matmul(x, w, torch.tensor([2]), "few_rows")
