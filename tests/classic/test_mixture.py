@@ -89,10 +89,12 @@ def test_objective_is_the_mean_log_likelihood(name):
 
 
 def test_objective_subtracts_the_ridge_penalties():
+    """The ridges act on the weights of the standardised inputs: raw-unit coefficients times
+    the training columns' standard deviations."""
     X, y = classification_data()
     model = MixtureOfExpertsClassifier(2, alpha=0.3, gate_alpha=0.2, random_state=0).fit(X, y)
-    gate_w = model.gate_.coef
-    expert_w = model.experts_.coef
+    gate_w = model.gate_.coef * X.std(axis=0)
+    expert_w = model.experts_.coef * X.std(axis=0)
     penalty = 0.5 * 0.2 * np.sum(gate_w**2) + 0.5 * 0.3 * np.sum(expert_w**2)
     expected = model.log_likelihood(X, y).mean() - penalty / len(X)
     assert model.objective_ == pytest.approx(expected, rel=1e-12)

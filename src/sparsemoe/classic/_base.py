@@ -10,7 +10,10 @@ validated and encoded.
 The model (Jordan & Jacobs 1994): ``P(y | x) = Σ_leaf g_leaf(x) P_leaf(y | x)``. The
 objective, maximised by both solvers, is the log-likelihood minus the ridge penalties of the
 gate (``gate_alpha``) and of classification experts (``alpha``), i.e. a MAP estimate under
-Gaussian priors; with both penalties zero it is the log-likelihood itself.
+Gaussian priors; with both penalties zero it is the log-likelihood itself. The loop fits
+standardised inputs and targets (the penalties act on the weights of standardised inputs) and
+rewrites the result for the raw units, so every fit is equivariant to the scales of ``X`` and
+``y``.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .logit import add_intercept, sample_categorical
+from .logit import add_intercept, sample_categorical, standardisation
 
 
 def initial_responsibilities(
@@ -63,6 +66,23 @@ def mixture_objective(X1: np.ndarray, Y: np.ndarray, gate: Any, experts: Any
     log_lik = logsumexp(log_joint, axis=1)
     objective = float(log_lik.sum()) - gate.penalty() - experts.penalty()
     return objective, log_joint - log_lik[:, None]
+
+
+def _inverse(units: tuple[np.ndarray, np.ndarray] | None
+             ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The units ``(m', s')`` that undo ``(m, s)``: ``u = (x − m) / s`` is ``x = m' + s' u``
+    with ``m' = −m / s``, ``s' = 1 / s``."""
+    return None if units is None else (-units[0] / units[1], 1.0 / units[1])
+
+
+def _unstandardise(gate: Any, experts: Any, x_units: tuple[np.ndarray, np.ndarray],
+                   y_units: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """Rewrite a gate and experts fitted to ``(x − m_x) / s_x`` (and, for real targets,
+    ``(y − m_y) / s_y``) for the raw ``x`` and ``y``: the same model, in place."""
+    gate.unstandardise_inputs(*x_units)
+    experts.unstandardise_inputs(*x_units)
+    if y_units is not None:
+        experts.unstandardise_targets(*y_units)
 
 
 GATED_CONSTRAINTS: dict = {
@@ -131,6 +151,11 @@ class BaseMixtureOfExperts(BaseEstimator, metaclass=ABCMeta):
         """A fresh family (:mod:`.experts`) of ``n_experts`` experts for targets like ``Y``."""
 
     @abstractmethod
+    def _target_units(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(mean, scale)`` of real targets ``Y``, which are fitted standardised; ``None``
+        for class labels."""
+
+    @abstractmethod
     def _target_features(self, Y: np.ndarray) -> np.ndarray:
         """``Y`` as real columns ``[n, q]`` for the k-means initialisation."""
 
@@ -144,23 +169,34 @@ class BaseMixtureOfExperts(BaseEstimator, metaclass=ABCMeta):
 
     # --- fitting -----------------------------------------------------------------------------
 
-    def _fit(self, X: np.ndarray, Y: np.ndarray) -> BaseMixtureOfExperts:
-        """Fit on validated ``X: [n, p]`` and internally encoded ``Y``; see ``fit``."""
-        n, p = X.shape
+    def _fit(self, X_raw: np.ndarray, Y_raw: np.ndarray) -> BaseMixtureOfExperts:
+        """Fit on validated ``X: [n, p]`` and internally encoded ``Y``; see ``fit``.
+
+        The fit runs on standardised inputs (and real targets), so that it is equivariant to
+        their scales; the kept gate and experts are then rewritten for the raw units, and the
+        objective is reported for the raw targets (``log p(y) = log p(v) − Σ_t log s_t`` for
+        ``v = (y − m) / s``)."""
+        n, p = X_raw.shape
         n_leaves = self._make_gate(p).n_leaves
         if n < n_leaves:
             raise ValueError(
                 f"a mixture of {n_leaves} experts needs n_samples >= {n_leaves}, "
                 f"got n_samples = {n}; use fewer experts or more data"
             )
+        x_units = standardisation(X_raw)
+        y_units = self._target_units(Y_raw)
+        X = (X_raw - x_units[0]) / x_units[1]
+        Y = Y_raw if y_units is None else (Y_raw - y_units[0]) / y_units[1]
+        log_jacobian = 0.0 if y_units is None else float(np.log(y_units[1]).sum())
         X1 = add_intercept(X)
         rng = check_random_state(self.random_state)
         warm = self.warm_start and hasattr(self, "experts_")
         solve = self._fit_em if self.solver == "em" else self._fit_gradient
         best = None
         for init in range(1 if warm else self.n_init):
-            if warm:
+            if warm:  # the previous fit, in this data's standardised units
                 gate, experts = self.gate_, self.experts_
+                _unstandardise(gate, experts, _inverse(x_units), _inverse(y_units))
             else:
                 gate, experts = self._make_gate(p), self._make_experts(n_leaves, p, Y)
                 R = initial_responsibilities(np.hstack([X, self._target_features(Y)]),
@@ -169,18 +205,19 @@ class BaseMixtureOfExperts(BaseEstimator, metaclass=ABCMeta):
                 gate.m_step(X1, R)
             history, converged, n_iter, _ = solve(X1, Y, gate, experts)
             if self.verbose:
-                print(f"{type(self).__name__} init {init + 1}: objective {history[-1]:.6f} "
+                print(f"{type(self).__name__} init {init + 1}: "
+                      f"objective {history[-1] - log_jacobian:.6f} "
                       f"after {n_iter} {self.solver} iterations, converged={converged}")
             if best is None or history[-1] > best[2][-1]:
                 best = (gate, experts, history, converged, n_iter)
         self.gate_, self.experts_, history, self.converged_, self.n_iter_ = best
-        self.objective_history_ = np.asarray(history)
-        self.objective_ = float(history[-1])
+        _unstandardise(self.gate_, self.experts_, x_units, y_units)
+        self.objective_history_ = np.asarray(history) - log_jacobian
+        self.objective_ = float(self.objective_history_[-1])
         if not self.converged_:
             warnings.warn(
                 f"{type(self).__name__} did not converge in max_iter={self.max_iter} "
-                f"{self.solver} iterations (tol={self.tol}); increase max_iter, raise tol, "
-                f"or standardise the inputs",
+                f"{self.solver} iterations (tol={self.tol}); increase max_iter or raise tol",
                 ConvergenceWarning, stacklevel=3,
             )
         return self

@@ -31,6 +31,7 @@ from .logit import (
     logit_loss_grad,
     ridge_penalty,
     sample_categorical,
+    unstandardise_weights,
 )
 
 _ALIVE = 1e-10  # total responsibility below which an expert is left as it is
@@ -79,6 +80,12 @@ class _StackedWeights:
         """ndarray of shape (n_experts, o)."""
         return self.weights[:, -1]
 
+    def unstandardise_inputs(self, x_mean: np.ndarray, x_scale: np.ndarray) -> None:
+        """Rewrite the experts, fitted to the inputs ``(x − x_mean) / x_scale``, for the raw
+        inputs ``x``: the same experts. ``unstandardise_inputs(−x_mean / x_scale, 1 / x_scale)``
+        is the inverse."""
+        self.weights = unstandardise_weights(self.weights, x_mean, x_scale)
+
 
 class _LinearExperts(_StackedWeights):
     """Regression experts whose location is linear: ``μ_i(x) = x̃ W_i``."""
@@ -93,6 +100,21 @@ class _LinearExperts(_StackedWeights):
 
     def penalty(self) -> float:
         return 0.0
+
+    def unstandardise_targets(self, y_mean: np.ndarray, y_scale: np.ndarray) -> None:
+        """Rewrite the experts, fitted to the targets ``(y − y_mean) / y_scale``, for the raw
+        targets ``y = y_mean + y_scale · v``: locations ``μ ↦ y_mean + y_scale μ`` and every
+        output's noise scale multiplied by ``y_scale`` (the density of ``y`` is that of ``v``
+        divided by ``Π_t y_scale_t``). ``unstandardise_targets(−y_mean / y_scale, 1 / y_scale)``
+        is the inverse."""
+        self.weights = self.weights * y_scale
+        self.weights[:, -1] += y_mean
+        self._scale_noise(y_scale)
+
+    def _scale_noise(self, y_scale: np.ndarray) -> None:
+        """Multiply every output's noise scale by ``y_scale``; here the per-output ``scale``
+        (``[k, t]``) of the Laplace and Student-t families."""
+        self.scale = self.scale * y_scale
 
 
 class GaussianExperts(_LinearExperts):
@@ -129,6 +151,11 @@ class GaussianExperts(_LinearExperts):
 
     def _set_covariance(self, i: int, cov: np.ndarray) -> None:
         self.precision_cholesky[i] = np.linalg.cholesky(np.linalg.inv(cov))
+
+    def _scale_noise(self, y_scale: np.ndarray) -> None:
+        # Σ ↦ D Σ D with D = diag(y_scale): Σ⁻¹ ↦ (D⁻¹L)(D⁻¹L)ᵀ, and D⁻¹L is still lower
+        # triangular with a positive diagonal.
+        self.precision_cholesky = self.precision_cholesky / y_scale[None, :, None]
 
     def log_prob(self, X1: np.ndarray, Y: np.ndarray) -> np.ndarray:
         L = self.precision_cholesky
@@ -190,7 +217,9 @@ class GaussianExperts(_LinearExperts):
 
     def sample(self, X1: np.ndarray, z: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
         mu = self.predictions(X1)[np.arange(len(z)), z]
-        C = np.linalg.cholesky(self.covariance)[z]
+        # C = L⁻ᵀ has C Cᵀ = (L Lᵀ)⁻¹ = Σ without forming Σ, whose entries overflow for y
+        # beyond ~1e154 while L's stay representable.
+        C = np.linalg.inv(np.transpose(self.precision_cholesky, (0, 2, 1)))[z]
         return mu + np.einsum("nts,ns->nt", C, rng.standard_normal(mu.shape))
 
 

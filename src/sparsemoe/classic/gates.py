@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from .logit import fit_logit, logit_log_proba, logit_loss_grad, ridge_penalty
+from .logit import (
+    fit_logit,
+    logit_log_proba,
+    logit_loss_grad,
+    ridge_penalty,
+    unstandardise_weights,
+)
 
 
 class _LogitGate:
@@ -48,6 +54,12 @@ class _LogitGate:
         posteriors ``R = h`` this is the gate part of the log-likelihood gradient."""
         return -np.concatenate([logit_loss_grad(W, X1, T, self.alpha)[1].ravel()
                                 for W, T in zip(self.weights, self._targets(R), strict=True)])
+
+    def unstandardise_inputs(self, x_mean: np.ndarray, x_scale: np.ndarray) -> None:
+        """Rewrite every node, fitted to the inputs ``(x − x_mean) / x_scale``, for the raw
+        inputs ``x``: the same gate (``V_f / s_f`` and intercept ``v_0 − Σ_f m_f V_f / s_f``).
+        ``unstandardise_inputs(−x_mean / x_scale, 1 / x_scale)`` is the inverse."""
+        self.weights = [unstandardise_weights(W, x_mean, x_scale) for W in self.weights]
 
     def get_flat(self) -> np.ndarray:
         return np.concatenate([W.ravel() for W in self.weights])

@@ -18,6 +18,7 @@ from sklearn.utils.validation import validate_data
 from ._base import BaseMixtureOfExperts, MultiOutputRegression
 from .experts import GaussianExperts, LaplaceExperts, MultinomialLogitExperts, StudentTExperts
 from .gates import SoftmaxGate
+from .logit import standardisation
 
 
 class RegressionMixture(MultiOutputRegression, RegressorMixin, BaseMixtureOfExperts):
@@ -69,6 +70,9 @@ class RegressionMixture(MultiOutputRegression, RegressorMixin, BaseMixtureOfExpe
             return LaplaceExperts(n_experts, n_features, t, min_variance=self.min_variance)
         return StudentTExperts(n_experts, n_features, t, df=self.df,
                                min_variance=self.min_variance)
+
+    def _target_units(self, Y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return standardisation(Y)
 
     def _target_features(self, Y: np.ndarray) -> np.ndarray:
         return Y
@@ -134,6 +138,9 @@ class ClassificationMixture(ClassifierMixin, BaseMixtureOfExperts):
     def _make_experts(self, n_experts: int, n_features: int, Y: np.ndarray) -> Any:
         return MultinomialLogitExperts(n_experts, n_features, len(self.classes_), alpha=self.alpha)
 
+    def _target_units(self, Y: np.ndarray) -> None:
+        return None
+
     def _target_features(self, Y: np.ndarray) -> np.ndarray:
         # k-means on the inputs only: clusters that also split by label would start every
         # expert as a constant classifier, a fixed point of EM where the gate does all the work.
@@ -191,6 +198,12 @@ class MixtureOfExpertsRegressor(RegressionMixture):
     1991 with variances), Laplace, or Student-t (robust). See :mod:`sparsemoe.classic.experts`
     for each family's EM M-step.
 
+    The fit runs on standardised ``X`` and ``y`` (each column centred and divided by its
+    standard deviation, as scikit-learn's ``StandardScaler``), so the fitted model is
+    equivariant to their scales: fitted to ``(X·a, y·c)`` it predicts ``c ×`` the predictions
+    of the fit to ``(X, y)``. The fitted gate and experts are then rewritten for the raw units
+    (the same model); the penalties and floors below are therefore stated for standardised data.
+
     Parameters
     ----------
     n_experts : int, default=3
@@ -204,15 +217,16 @@ class MixtureOfExpertsRegressor(RegressionMixture):
         Student-t degrees of freedom ``ν``, fixed, or estimated per expert (ECM, starting at 4).
     min_variance : float > 0, default=1e-6
         EM floor on each expert's variance (Gaussian covariance eigenvalues, Laplace ``2b²``,
-        Student-t ``σ²``), in squared units of ``y``; it bounds the likelihood, which is
-        otherwise unbounded when an expert collapses onto a few points.
+        Student-t ``σ²``) for the standardised ``y``, i.e. ``min_variance · var(y_t)`` in raw
+        units; it bounds the likelihood, which is otherwise unbounded when an expert collapses
+        onto a few points.
     solver : {"em", "gradient"}, default="em"
         "em": expectation-maximisation; "gradient": L-BFGS on the same objective with the
         adaptive-local-experts gradient.
     gate_alpha : float >= 0, default=1e-2
-        Ridge on the gate's non-intercept weights (MAP with a Gaussian prior); keeps the gate
-        finite when the experts' regions are separable. Standardise ``X`` so that one value
-        suits every feature.
+        Ridge ``(gate_alpha/2) ‖V‖²`` on the gate's non-intercept weights for the standardised
+        inputs, i.e. ``(gate_alpha/2) Σ (gate_.coef[i, f] · sd(X_f))²`` in raw units (MAP with
+        a Gaussian prior); keeps the gate finite when the experts' regions are separable.
     init_params : {"kmeans", "random"}, default="kmeans"
         Starting responsibilities: k-means on the standardised ``[X, y]``, or random.
     n_init : int, default=1
@@ -226,7 +240,8 @@ class MixtureOfExpertsRegressor(RegressionMixture):
     warm_start : bool, default=False
         Start from the previous fit's parameters (``n_init`` is then ignored).
     verbose : int, default=0
-        1: one line per restart; 2: also one line per iteration.
+        1: one line per restart (its final ``objective_``); 2: also one line per iteration
+        (the objective of the standardised fit, which differs by ``Σ_t log sd(y_t)``).
 
     Attributes
     ----------
@@ -236,8 +251,9 @@ class MixtureOfExpertsRegressor(RegressionMixture):
         ``experts_.coef``: (n_experts, n_outputs, n_features), ``experts_.intercept``:
         (n_experts, n_outputs), plus the family's scale (``covariance``, ``scale``, ``df``).
     objective_history_ : ndarray of shape (n_iter_ + 1,)
-        Mean objective per sample (log-likelihood minus ``gate_alpha`` penalty, over n) at the
-        start and after each iteration of the kept restart; non-decreasing for EM.
+        Mean objective per sample (log-likelihood of the raw ``y`` minus the ``gate_alpha``
+        penalty over n) at the start and after each iteration of the kept restart;
+        non-decreasing for EM.
     objective_ : float
         Its last value.
     converged_ : bool
@@ -290,9 +306,13 @@ class MixtureOfExpertsClassifier(ClassificationMixture):
     ----------
     n_experts : int, default=3
     alpha : float >= 0, default=1e-2
-        Ridge on the experts' non-intercept weights (MAP); keeps them finite on separable data.
+        Ridge on the experts' non-intercept weights for the standardised inputs (MAP; in raw
+        units ``(alpha/2) Σ (experts_.coef[i, c, f] · sd(X_f))²``); keeps them finite on
+        separable data.
     solver, gate_alpha, init_params, n_init, max_iter, tol, random_state, warm_start, verbose
         As in :class:`MixtureOfExpertsRegressor`; the objective subtracts both ridge penalties.
+        The fit runs on standardised ``X`` (fitted attributes in raw units), so the predicted
+        probabilities do not depend on the scale of ``X``.
 
     Attributes
     ----------
