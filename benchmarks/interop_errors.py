@@ -15,12 +15,14 @@ import argparse
 import torch
 import transformers
 from transformers import (
+    DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
     SwitchTransformersConfig,
 )
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
@@ -45,6 +47,9 @@ BLOCKS = {
         norm_topk_prob=True)),
     "SwitchTransformersSparseMLP": lambda: SwitchTransformersSparseMLP(SwitchTransformersConfig(
         d_model=D, d_ff=H, num_experts=N, expert_capacity=10)),
+    "DeepseekV3MoE": lambda: DeepseekV3MoE(DeepseekV3Config(
+        hidden_size=D, moe_intermediate_size=H, n_routed_experts=N, num_experts_per_tok=2,
+        n_group=4, topk_group=2, n_shared_experts=1)),
 }
 
 
@@ -65,6 +70,8 @@ def main() -> None:
             with torch.no_grad():
                 for p in block.parameters():
                     p.normal_(0.0, args.std)
+                for b in block.buffers():  # DeepSeek-V3's e_score_correction_bias
+                    b.normal_(0.0, args.std)
             layer = from_transformers(block).eval()
             x = torch.randn(4, 64, D)
             with torch.no_grad():

@@ -45,8 +45,9 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     return steps
 
 
-def spawn(world: int, tmp_path, timeout: float = 60.0) -> dict:
-    """Run the plan on ``world`` ranks; ``{result name: [per-rank result]}``."""
+def spawn(world: int, tmp_path, timeout: float = 300.0) -> dict:
+    """Run the plan on ``world`` ranks; ``{result name: [per-rank result]}``. The limit is a
+    guard against a hang: 4 ranks on a loaded 2-core machine take well over a minute to start."""
     init = tmp_path / "init"
     ctx = mp.start_processes(worker, args=(world, f"file://{init}", str(tmp_path), plan(world)),
                              nprocs=world, join=False, start_method="forkserver")

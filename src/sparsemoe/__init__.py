@@ -9,10 +9,11 @@ The public API. Layers: :class:`MoE` (Shazeer et al. 2017), :class:`Hierarchical
 :mod:`sparsemoe.experts`, the token dispatch :mod:`sparsemoe.dispatch`, expert capacity
 :mod:`sparsemoe.capacity`, conversion to and from ``transformers`` :mod:`sparsemoe.interop`,
 the memory-saving optimiser of Appendix D :mod:`sparsemoe.optim`, expert parallelism over
-``torch.distributed`` :mod:`sparsemoe.parallel`.
+``torch.distributed`` :mod:`sparsemoe.parallel`, global-batch and auxiliary-loss-free
+balancing :mod:`sparsemoe.balancing`.
 """
 
-from . import capacity, dispatch, functional, interop, optim, parallel, routers
+from . import balancing, capacity, dispatch, functional, interop, optim, parallel, routers
 from .capacity import Capacity
 from .dense_paths import BASELayer, ConditionalMoE, SharedExpertMoE
 from .experts import FeedForwardExperts, LinearExperts, ModuleListExperts
@@ -38,6 +39,7 @@ __all__ = [
     "SoftMoE",
     "__version__",
     "aux_loss",
+    "balancing",
     "capacity",
     "dispatch",
     "functional",

@@ -79,7 +79,7 @@ class Capacity:
 
     def keep(
         self, expert_indices: Tensor, combine_weights: Tensor, valid: Tensor | None,
-        num_experts: int, input_shape: Sequence[int],
+        num_experts: int, input_shape: Sequence[int], kept: Tensor | None = None,
     ) -> Tensor:
         """The pairs of a routing decision that fit within the capacity.
 
@@ -93,7 +93,9 @@ class Capacity:
             valid: ``[T, k]`` bool, the pairs the router chose, or None for all.
             num_experts: ``n``.
             input_shape: the layer input's shape ``[..., S, d]`` (its tokens flattened to
-                ``T``).
+                ``T``, or to more than ``T`` when a padding mask removed some).
+            kept: ``[T]`` the indices of the routed tokens among the input's flattened tokens
+                when a padding mask removed the others (padding takes no capacity), or None.
 
         Returns:
             ``[T, k]`` bool: the pairs that are computed.
@@ -107,10 +109,20 @@ class Capacity:
             if valid is not None:
                 w = w.masked_fill(~valid, -torch.inf)
             priority = w.amax(1)
-        return capacity_mask(expert_indices, valid, num_experts,
-                             self.per_expert(group_size, k, num_experts),
-                             group_size=group_size or None, priority=priority)
-
+        cap = self.per_expert(group_size, k, num_experts)
+        if not (by_sequence and kept is not None):
+            return capacity_mask(expert_indices, valid, num_experts, cap,
+                                 group_size=group_size or None, priority=priority)
+        # The routed tokens back in their sequences; padding pairs take no capacity.
+        full = math.prod(input_shape[:-1])
+        experts = expert_indices.new_zeros(full, k).index_copy(0, kept, expert_indices)
+        mine = torch.ones_like(expert_indices, dtype=torch.bool) if valid is None else valid
+        chosen = torch.zeros_like(experts, dtype=torch.bool).index_copy(0, kept, mine)
+        if priority is not None:
+            priority = priority.new_full((full,), -torch.inf).index_copy(0, kept, priority)
+        keep = capacity_mask(experts, chosen, num_experts, cap, group_size=group_size or None,
+                             priority=priority)
+        return keep.index_select(0, kept)
 
 
 def capacity_mask(

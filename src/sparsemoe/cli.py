@@ -28,7 +28,7 @@ from .experiments import lm
 from .experiments.processes import DEFAULT_TIMEOUT, ExpertParallelRanks, OneProcess
 from .experiments.runs import Interrupted
 from .models.architectures import ARCHITECTURES
-from .models.lstm_lm import MIDDLES, LMConfig
+from .models.lstm_lm import BALANCINGS, MIDDLES, LMConfig
 
 
 def _flag(name: str) -> str:
@@ -99,7 +99,9 @@ def _config_from(parser: argparse.ArgumentParser, config: type, args: argparse.N
 _LM_MODEL_FLAGS = {"num_experts": "--experts", "d_model": "--d-model"}
 _LM_MODEL_HELP = {"middle": "middle layer", "num_experts": "experts", "k": "experts per token "
                   "(flat MoE)", "hidden": "expert hidden width", "d_model": "model width",
-                  "groups": "hierarchical MoE groups", "dropout": "dropout probability"}
+                  "groups": "hierarchical MoE groups", "dropout": "dropout probability",
+                  "balancing": "how the flat MoE is balanced: paper (noisy top-k, CV losses), "
+                  "switch (top-k, Switch loss), aux-free (DeepSeek-V3 bias)"}
 
 
 def _lm_arch(args: argparse.Namespace) -> str:
@@ -171,11 +173,11 @@ def _add_lm(sub: Any) -> None:
 
     def training_flags(p: argparse.ArgumentParser) -> None:
         _add_config_arguments(p, lm.LMTrainConfig, skip=("preset", "model"), required=("out",))
-        for name in ("middle", "num_experts", "k", "hidden", "d_model", "groups", "dropout"):
+        choices = {"middle": MIDDLES, "balancing": BALANCINGS}
+        for name in _LM_MODEL_HELP:
             kind = type(getattr(LMConfig, name))
             p.add_argument(_LM_MODEL_FLAGS.get(name, _flag(name)), dest=name, type=kind,
-                           default=None, help=_LM_MODEL_HELP[name],
-                           choices=MIDDLES if name == "middle" else None)
+                           default=None, help=_LM_MODEL_HELP[name], choices=choices.get(name))
 
     train = lm_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")
     train.add_argument("--preset", default=None, help="; ".join(

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_number, renamed_argument
+from ._checks import check_like, check_number, renamed_argument
 from .capacity import Capacity
 from .dispatch import dispatch_combine, equal_routes
 from .experts import FeedForwardExperts, ModuleListExperts, resolve_activation
@@ -78,13 +78,16 @@ class MoELayer(MoEModule):
         self.output_activation = resolve_activation("output_activation", output_activation)
         self.capacity = capacity
         self.expert_output_masking = expert_output_masking
+        # set by sparsemoe.balancing.GlobalBatchBalancing while it is active
+        self.global_batch = None
 
-    def _route(self, tokens: Tensor, x: Tensor, token_ids: Tensor | None) -> Routing:
+    def _flat_token_ids(self, x: Tensor, token_ids: Tensor | None) -> Tensor | None:
+        """``token_ids`` checked against the router and ``x``, flattened to ``[T]`` int64."""
         if not self.router.uses_token_ids:
             if token_ids is not None:
                 raise ValueError(f"token_ids is only used by routers that route by token id; "
                                  f"{type(self.router).__name__} routes by features, got token_ids")
-            return self.router(tokens)
+            return None
         if not isinstance(token_ids, Tensor):
             raise TypeError(f"{type(self.router).__name__} routes by token id: forward needs "
                             f"token_ids, a tensor of shape {tuple(x.shape[:-1])}, got "
@@ -94,18 +97,50 @@ class MoELayer(MoEModule):
         if tuple(token_ids.shape) != tuple(x.shape[:-1]):
             raise ValueError(f"token_ids must have shape {tuple(x.shape[:-1])} (x without its "
                              f"last dimension), got {tuple(token_ids.shape)}")
-        return self.router(tokens, token_ids.reshape(-1).to(torch.long))
+        return token_ids.reshape(-1).to(torch.long)
+
+    def _kept_tokens(self, x: Tensor, mask: Tensor) -> Tensor:
+        """The indices ``[T']`` of the flattened tokens whose ``mask`` is 1."""
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"mask must be a tensor of shape {tuple(x.shape[:-1])}, got "
+                            f"{type(mask).__name__}")
+        if tuple(mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"mask must have shape {tuple(x.shape[:-1])} (x without its last "
+                             f"dimension), got {tuple(mask.shape)}")
+        check_like("mask", mask, "x", x, dtype=False)
+        if mask.dtype != torch.bool:
+            if mask.is_complex() or bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(f"mask must be bool or hold only 0 and 1, got dtype "
+                                 f"{mask.dtype} with other values")
+            mask = mask != 0
+        if (self.capacity is not None and self.capacity.group == "sequence"
+                and self.capacity.tokens is None):
+            raise ValueError("mask with a per-sequence capacity factor is not supported (the "
+                             "sequences' kept tokens differ in number); give a fixed "
+                             "Capacity(tokens=..., group='sequence') or group='batch', got "
+                             f"{self.capacity}")
+        return mask.reshape(-1).nonzero().squeeze(1)
+
+    def _route(
+        self, tokens: Tensor, token_ids: Tensor | None, sequence_ids: Tensor | None
+    ) -> Routing:
+        if self.router.uses_token_ids:
+            return self.router(tokens, token_ids)
+        if self.router.uses_sequences:
+            return self.router(tokens, sequence_ids)
+        return self.router(tokens)
 
     def _pairs_to_compute(
-        self, routing: Routing, x: Tensor
+        self, routing: Routing, x: Tensor, kept: Tensor | None = None
     ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """The pairs to compute after capacity and expert output masking; the routed and the
-        dropped pair counts (None without a capacity)."""
+        dropped pair counts (None without a capacity). ``kept`` indexes the routed tokens
+        among ``x``'s when a mask removed the others."""
         valid = routing.valid
         routed = dropped = None
         if self.capacity is not None:
             keep = self.capacity.keep(routing.expert_indices, routing.combine_weights, valid,
-                                      self.num_experts, x.shape)
+                                      self.num_experts, x.shape, kept)
             routed = (valid.sum() if valid is not None
                       else torch.tensor(routing.expert_indices.numel(), device=keep.device))
             dropped = routed - keep.sum()
@@ -116,18 +151,26 @@ class MoELayer(MoEModule):
             valid = kept if valid is None else valid & kept
         return valid, routed, dropped
 
-    def routed_experts(self, tokens: Tensor, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+    def routed_experts(
+        self, tokens: Tensor, x: Tensor, token_ids: Tensor | None = None,
+        sequence_ids: Tensor | None = None, kept: Tensor | None = None,
+    ) -> Tensor:
         """The mixture of the routed experts, ``[T, d] -> [T, d_out]``; sets :attr:`aux_loss`
-        and :attr:`stats`. ``x`` is the unflattened input (for per-sequence capacity)."""
-        routing = self._route(tokens, x, token_ids)
-        valid, routed, dropped = self._pairs_to_compute(routing, x)
+        and :attr:`stats`. ``x`` is the unflattened input (for per-sequence capacity);
+        ``token_ids`` and ``sequence_ids`` are ``[T]``, for the routers that use them;
+        ``kept`` indexes ``tokens`` among ``x``'s when a mask removed the others."""
+        routing = self._route(tokens, token_ids, sequence_ids)
+        valid, routed, dropped = self._pairs_to_compute(routing, x, kept)
         y, routes = dispatch_combine(
             tokens, routing.expert_indices, routing.combine_weights, self.experts, valid
         )
         if not self.training and self.expert_output_masking > 0:
             y = y * (1.0 - self.expert_output_masking)
-        self._record(routing.aux_loss, MoEStats(routing.importance.detach(), routing.load.detach(),
-                                                 routes.tokens_per_expert, routed, dropped))
+        aux = routing.aux_loss
+        if self.global_batch is not None:
+            aux = self.global_batch.aux_loss(self.router, routing)
+        self._record(aux, MoEStats(routing.importance.detach(), routing.load.detach(),
+                                   routes.tokens_per_expert, routed, dropped))
         return y
 
     def add_dense_paths(self, tokens: Tensor, y: Tensor) -> Tensor:
@@ -135,12 +178,37 @@ class MoELayer(MoEModule):
         add shared experts, a residual or a dense FFN."""
         return y
 
-    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, token_ids: Tensor | None = None, mask: Tensor | None = None
+    ) -> Tensor:
+        """``x [..., d_model] -> [..., d_out]``.
+
+        Args:
+            x: the tokens.
+            token_ids: ``[...]`` one id per token, for routers that route by id.
+            mask: ``[...]`` bool (or 0/1), 0 for padding: a masked token is not routed, costs
+                nothing, counts in no statistic, loss or capacity, and its output is 0. The
+                layer equals itself run on the kept tokens alone.
+        """
         self._check_input(x)
         tokens = x.reshape(-1, self.d_model)  # [T, d]
-        y = self.add_dense_paths(tokens, self.routed_experts(tokens, x, token_ids))
+        token_ids = self._flat_token_ids(x, token_ids)
+        sequence_ids = None
+        if self.router.uses_sequences:  # the last-but-one dimension indexes a sequence's tokens
+            length = max(x.shape[-2], 1) if x.dim() > 1 else 1
+            sequence_ids = torch.arange(tokens.shape[0], device=x.device) // length
+        kept = None
+        if mask is not None:
+            kept = self._kept_tokens(x, mask)
+            tokens = tokens.index_select(0, kept)  # [T', d]
+            token_ids = None if token_ids is None else token_ids[kept]
+            sequence_ids = None if sequence_ids is None else sequence_ids[kept]
+        y = self.routed_experts(tokens, x, token_ids, sequence_ids, kept)
+        y = self.add_dense_paths(tokens, y)
         if self.output_activation is not None:
             y = self.output_activation(y)
+        if kept is not None:  # padding gets 0
+            y = y.new_zeros(x.shape[:-1].numel(), y.shape[-1]).index_copy(0, kept, y)
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

@@ -171,6 +171,22 @@ def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpu
     assert len(history["train_loss"]) == 5
 
 
+def test_aux_free_training_moves_the_bias_every_step(corpus_file, tmp_path):
+    cfg = replace(
+        tiny_config(corpus_file, tmp_path / "free"),
+        model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8, "balancing": "aux-free"})
+    trainer = Trainer(cfg, progress=False)
+    router = trainer.model.moe_layers()[0].router
+    for step in range(3):
+        before = router.expert_bias.clone()
+        trainer.train_step()
+        step_taken = (router.expert_bias - before).abs()
+        # each bias moves by γ or stays (an expert exactly at the mean load), never more
+        assert bool((((step_taken - 1e-3).abs() < 1e-7) | (step_taken == 0)).all()), step
+        assert step_taken.sum() > 0
+        assert router.load_since_update.sum() == 0
+
+
 def test_cli_flags_are_the_config_fields_and_its_errors_usage_errors(capsys, tmp_path):
     import dataclasses
 

@@ -29,7 +29,7 @@ def _model(family):
     return coverage.tiny_model(family)
 
 
-FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "dbrx"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "gpt_oss", "dbrx", "deepseek_v3"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

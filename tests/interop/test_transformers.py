@@ -8,12 +8,14 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from transformers import (  # noqa: E402
+    DeepseekV3Config,
     MixtralConfig,
     OlmoeConfig,
     Qwen2MoeConfig,
     Qwen3MoeConfig,
     SwitchTransformersConfig,
 )
+from transformers.models.deepseek_v3 import modeling_deepseek_v3  # noqa: E402
 from transformers.models.mixtral import modeling_mixtral  # noqa: E402
 from transformers.models.olmoe import modeling_olmoe  # noqa: E402
 from transformers.models.qwen2_moe import modeling_qwen2_moe  # noqa: E402
@@ -54,6 +56,16 @@ CONFIGS = {
                                                           expert_capacity=100, router_bias=True,
                                                           dense_act_fn="gelu"),
                          st.SwitchTransformersSparseMLP),
+    "deepseek_v3": (lambda: DeepseekV3Config(hidden_size=D, moe_intermediate_size=12,
+                                             n_routed_experts=8, num_experts_per_tok=3,
+                                             n_group=4, topk_group=2, n_shared_experts=2),
+                    modeling_deepseek_v3.DeepseekV3MoE),
+    "deepseek_v3_flat": (lambda: DeepseekV3Config(hidden_size=D, moe_intermediate_size=6,
+                                                  n_routed_experts=6, num_experts_per_tok=2,
+                                                  n_group=1, topk_group=1, n_shared_experts=1,
+                                                  norm_topk_prob=False,
+                                                  routed_scaling_factor=1.0),
+                         modeling_deepseek_v3.DeepseekV3MoE),
 }
 
 
@@ -65,6 +77,9 @@ def random_block(name, seed=0):
     with torch.no_grad():  # blocks built outside a model have uninitialised weights
         for p in block.parameters():
             p.normal_(0.0, 0.3)
+        for name_, b in block.named_buffers():
+            if name_.endswith("e_score_correction_bias"):  # a bias that changes the choice
+                b.normal_(0.0, 0.3)
     return config, block.eval()
 
 
@@ -159,3 +174,46 @@ def test_bad_conversions():
         to_transformers(layer, CONFIGS["qwen2_moe"][0]())
     with pytest.raises(TypeError, match="config must be one of the configs of"):
         to_transformers(layer, transformers.BertConfig())
+    with pytest.raises(TypeError, match="a DeepSeek-V3 block needs a SharedExpertMoE"):
+        to_transformers(layer, CONFIGS["deepseek_v3"][0]())
+    _, block = random_block("deepseek_v3")
+    with pytest.raises(ValueError, match="config topk_group is 3 but the layer has 2"):
+        to_transformers(from_transformers(block), DeepseekV3Config(
+            hidden_size=D, moe_intermediate_size=12, n_routed_experts=8, num_experts_per_tok=3,
+            n_group=4, topk_group=3, n_shared_experts=2))
+
+
+def test_deepseek_v3_bias_changes_the_choice_not_the_gates():
+    """The correction bias moves experts in and out of the top-k; the converted layer follows
+    it, and its output is the block's with and without the bias."""
+    _, block = random_block("deepseek_v3", seed=4)
+    layer = from_transformers(block).eval()
+    assert torch.equal(layer.router.expert_bias, block.gate.e_score_correction_bias)
+    x = torch.randn(2, 25, D)
+    with torch.no_grad():
+        _, _, with_bias = block.gate(x)
+        torch.testing.assert_close(layer(x), block(x), rtol=0, atol=1e-5)
+        block.gate.e_score_correction_bias.zero_()
+        layer.router.expert_bias.zero_()
+        _, _, without = block.gate(x)
+        torch.testing.assert_close(layer(x), block(x), rtol=0, atol=1e-5)
+    assert not torch.equal(with_bias.sort(-1).values, without.sort(-1).values)
+    assert layer.router.k == 3 and layer.router.groups == 4 and layer.router.top_groups == 2
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "deepseek_v3", "switch_bias_gelu"])
+def test_converted_layers_take_an_attention_mask(name):
+    """transformers' attention_mask (int64, 0 = padding) on a converted block: the kept tokens
+    equal the block on those tokens alone, padding outputs 0."""
+    _, block = random_block(name, seed=5)
+    layer = from_transformers(block).eval()
+    x = torch.randn(3, 7, D)
+    attention_mask = torch.ones(3, 7, dtype=torch.long)
+    attention_mask[0, 5:] = 0
+    attention_mask[2, :3] = 0
+    with torch.no_grad():
+        got = layer(x, mask=attention_mask)
+        kept = attention_mask.bool()
+        expected = block(x[kept][None].clone())[0]
+    torch.testing.assert_close(got[kept], expected, rtol=0, atol=1e-5)
+    assert torch.equal(got[~kept], torch.zeros_like(got[~kept]))

@@ -92,3 +92,35 @@ def test_bad_config():
         LMConfig(middle="hmoe", num_experts=100, groups=16)
     with pytest.raises(ValueError, match="preset must be one of"):
         preset("MoE-7")
+
+
+@pytest.mark.parametrize("balancing", ["paper", "switch", "aux-free"])
+def test_balancing_kinds(balancing):
+    """Each balancing builds its router, trains, and counts its gating (no noise matmul
+    outside the paper's gating); the aux-free model has no auxiliary loss, only the bias."""
+    import sparsemoe
+    from sparsemoe.routers import DeepSeekV3Router, NoisyTopKRouter, TopKRouter
+
+    torch.manual_seed(0)
+    cfg = LMConfig(vocab_size=40, d_model=8, num_experts=6, k=2, hidden=8, balancing=balancing)
+    model = LSTMLanguageModel(cfg)
+    router = model.moe_layers()[0].router
+    kind = {"paper": NoisyTopKRouter, "switch": TopKRouter, "aux-free": DeepSeekV3Router}
+    assert type(router) is kind[balancing]
+    logits, _ = model(torch.randint(0, 40, (3, 5)))
+    aux = sparsemoe.aux_loss(model)
+    assert (float(aux.detach()) == 0.0) == (balancing == "aux-free")
+    (logits.square().mean() + aux).backward()
+    assert router.w_gate.grad.abs().sum() > 0
+    extra = multiply_adds_per_token(cfg, training=True) - multiply_adds_per_token(cfg)
+    assert extra == (8 * 6 if balancing == "paper" else 0)
+    if balancing == "aux-free":
+        sparsemoe.balancing.update_expert_biases(model)
+        assert router.expert_bias.abs().sum() > 0
+
+
+def test_balancing_errors():
+    with pytest.raises(ValueError, match="balancing must be one of"):
+        LMConfig(balancing="none")
+    with pytest.raises(ValueError, match="is for the flat MoE"):
+        LMConfig(middle="hmoe", num_experts=32, groups=4, balancing="switch")

@@ -34,11 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int, check_number, deprecated_alias
+from ..balancing import update_expert_biases
 from ..data import Corpus, StreamBatcher, Vocabulary, eval_batches, load_corpus
 from ..models.architectures import ARCHITECTURES, architecture, build_model
 from ..module import MoEModule, aux_loss, coefficient_of_variation, max_over_mean
@@ -398,6 +400,9 @@ class Trainer:
         loss.backward()
         self.processes.clip_grad_norm_(self.model, self.cfg.clip)
         self.opt.step()
+        if getattr(self.model_cfg, "balancing", None) == "aux-free":  # the bias step, over
+            update_expert_biases(self.model,  # every rank's load
+                                 dist.group.WORLD if self.processes.world_size > 1 else None)
         self.sched.step()
         self.state = tuple((h.detach(), c.detach()) for h, c in state)
         for stats in exchange_stats(self.model):

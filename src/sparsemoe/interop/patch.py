@@ -42,6 +42,7 @@ class Converter(NamedTuple):
 
 
 BLOCK_CONVERTERS: dict[str, Converter] = {
+    "DeepseekV3MoE": Converter(from_transformers, to_transformers),
     "MixtralSparseMoeBlock": Converter(from_transformers, to_transformers),
     "OlmoeSparseMoeBlock": Converter(from_transformers, to_transformers),
     "Qwen2MoeSparseMoeBlock": Converter(from_transformers, to_transformers),
@@ -98,7 +99,7 @@ def patch(model: nn.Module) -> nn.Module:
 
     Args:
         model: a ``transformers`` model whose blocks are in :data:`BLOCK_CONVERTERS`
-            (Mixtral, DBRX, OLMoE, Qwen2-MoE, Qwen3-MoE, GPT-OSS).
+            (Mixtral, DBRX, OLMoE, Qwen2-MoE, Qwen3-MoE, GPT-OSS, DeepSeek-V3).
 
     Returns:
         ``model``, changed in place.

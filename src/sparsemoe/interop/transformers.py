@@ -9,10 +9,14 @@ expert):
                                SwiGLU :class:`~sparsemoe.experts.FeedForwardExperts`
 ``OlmoeSparseMoeBlock``        ``TopKRouter(normalize=norm_topk_prob)`` (False for OLMoE)
 ``Qwen3MoeSparseMoeBlock``     ``TopKRouter(normalize=norm_topk_prob)``
-``Qwen2MoeSparseMoeBlock``     :class:`~sparsemoe.shared.SharedExpertMoE` with the shared
+``Qwen2MoeSparseMoeBlock``     :class:`~sparsemoe.dense_paths.SharedExpertMoE` with the shared
                                expert and its sigmoid gate
 ``SwitchTransformersSparseMLP`` :class:`~sparsemoe.routers.SwitchRouter`, ReLU experts and
                                ``Capacity(tokens=expert_capacity, group="sequence")``
+``DeepseekV3MoE``              :class:`~sparsemoe.dense_paths.SharedExpertMoE` with a
+                               :class:`~sparsemoe.routers.DeepSeekV3Router` (sigmoid,
+                               group-limited, ``e_score_correction_bias`` as ``expert_bias``)
+                               and the shared experts as one SwiGLU expert
 =============================  ==============================================================
 
 In evaluation mode the converted layer's output equals the block's given the same weights (the
@@ -32,9 +36,10 @@ from ..capacity import Capacity
 from ..dense_paths import SharedExpertMoE
 from ..experts import FeedForwardExperts
 from ..layers import MoELayer
-from ..routers import SwitchRouter, TopKRouter
+from ..routers import DeepSeekV3Router, SwitchRouter, TopKRouter
 
 SUPPORTED_BLOCKS = (
+    "DeepseekV3MoE",
     "MixtralSparseMoeBlock",
     "OlmoeSparseMoeBlock",
     "Qwen2MoeSparseMoeBlock",
@@ -43,6 +48,7 @@ SUPPORTED_BLOCKS = (
 )
 
 _TARGETS = {  # config.model_type -> (module, block class)
+    "deepseek_v3": ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE"),
     "mixtral": ("transformers.models.mixtral.modeling_mixtral", "MixtralSparseMoeBlock"),
     "olmoe": ("transformers.models.olmoe.modeling_olmoe", "OlmoeSparseMoeBlock"),
     "qwen2_moe": ("transformers.models.qwen2_moe.modeling_qwen2_moe", "Qwen2MoeSparseMoeBlock"),
@@ -125,6 +131,19 @@ def _switch(block: nn.Module) -> MoELayer:
     return MoELayer(router, bank, capacity=capacity)
 
 
+def _deepseek_v3(block: nn.Module) -> SharedExpertMoE:
+    g = block.gate
+    n, d = g.weight.shape
+    router = DeepSeekV3Router(d, n, g.top_k, groups=g.num_group, top_groups=g.topk_group,
+                              normalize=g.norm_topk_prob,
+                              routed_scaling_factor=g.routed_scaling_factor).to(g.weight)
+    with torch.no_grad():
+        router.w_gate.copy_(g.weight.T)
+        router.expert_bias.copy_(g.e_score_correction_bias)
+    return SharedExpertMoE(router, _stacked_experts(block.experts),
+                           _mlp_as_bank(block.shared_experts)).to(g.weight)
+
+
 def from_transformers(block: nn.Module) -> MoELayer:
     """A sparsemoe layer computing what a ``transformers`` MoE block computes.
 
@@ -133,8 +152,9 @@ def from_transformers(block: nn.Module) -> MoELayer:
             ``mlp`` of a Switch Transformers ``LayerFF``).
 
     Returns:
-        An :class:`~sparsemoe.layers.MoELayer` (a :class:`~sparsemoe.shared.SharedExpertMoE`
-        for Qwen2-MoE) with copies of the block's weights, on the block's device and dtype.
+        An :class:`~sparsemoe.layers.MoELayer` (a :class:`~sparsemoe.dense_paths.SharedExpertMoE`
+        for Qwen2-MoE and DeepSeek-V3) with copies of the block's weights, on the block's
+        device and dtype.
         Set ``.eval()`` on both for identical outputs.
     """
     name = type(block).__name__
@@ -143,6 +163,8 @@ def from_transformers(block: nn.Module) -> MoELayer:
     elif name in ("MixtralSparseMoeBlock", "OlmoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock"):
         normalize = getattr(block.gate, "norm_topk_prob", True)  # Mixtral always renormalises
         layer = MoELayer(_top_k_router(block.gate, normalize), _stacked_experts(block.experts))
+    elif name == "DeepseekV3MoE":
+        layer = _deepseek_v3(block)
     elif name == "Qwen2MoeSparseMoeBlock":
         layer = SharedExpertMoE(
             _top_k_router(block.gate, block.gate.norm_topk_prob),
@@ -190,8 +212,8 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
     Args:
         layer: a layer as returned by :func:`from_transformers` (same router, experts and
             options as the target block).
-        config: a ``MixtralConfig``, ``OlmoeConfig``, ``Qwen2MoeConfig``, ``Qwen3MoeConfig`` or
-            ``SwitchTransformersConfig`` whose sizes match the layer.
+        config: a ``MixtralConfig``, ``OlmoeConfig``, ``Qwen2MoeConfig``, ``Qwen3MoeConfig``,
+            ``SwitchTransformersConfig`` or ``DeepseekV3Config`` whose sizes match the layer.
 
     Returns:
         The block, on the layer's device and dtype, in the layer's training mode.
@@ -222,21 +244,15 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
         _expect("expert_capacity (as a Capacity)", expected, layer.capacity)
         if bank.b1 is not None:
             raise ValueError("the Switch experts have no biases, but the layer's experts do")
+    elif model_type == "deepseek_v3":
+        _check_deepseek_v3(layer, config)
     elif model_type == "qwen2_moe":
         if not isinstance(layer, SharedExpertMoE) or layer.w_shared_gate is None:
             raise TypeError("a Qwen2-MoE block needs a SharedExpertMoE with shared_gate=True, "
                             f"got {type(layer).__name__}")
         _check_convertible(layer, config, config.num_experts, config.moe_intermediate_size)
         _expect("norm_topk_prob", config.norm_topk_prob, layer.router.normalize)
-        shared = layer.shared_experts
-        if (not isinstance(shared, FeedForwardExperts) or shared.num_experts != 1
-                or shared.b1 is not None):
-            raise ValueError("a Qwen2-MoE block has one bias-free shared expert; the layer's "
-                             f"shared_experts is {shared!r}")
-        _expect("shared_expert_intermediate_size", config.shared_expert_intermediate_size,
-                shared.hidden)
-        _expect("hidden_act of the shared expert", _GATED.get(config.hidden_act),
-                shared.activation)
+        _check_shared_bank(layer, config, config.shared_expert_intermediate_size)
     else:
         n = config.num_local_experts if model_type == "mixtral" else config.num_experts
         hidden = config.intermediate_size if model_type != "qwen3_moe" else (
@@ -258,13 +274,56 @@ def to_transformers(layer: MoELayer, config) -> nn.Module:
             _export_stacked(layer.experts, block.experts)
         if model_type == "qwen2_moe":
             _export_shared(layer, block)
+        if model_type == "deepseek_v3":
+            block.gate.e_score_correction_bias.copy_(layer.router.expert_bias)
+            _export_mlp(layer.shared_experts, block.shared_experts)
     return block.train(layer.training)
 
 
-def _export_shared(layer: SharedExpertMoE, block: nn.Module) -> None:
-    w1: Tensor = layer.shared_experts.w1[0]  # [d, 2h] = [W_gate | W_up]
+def _export_mlp(bank: FeedForwardExperts, mlp: nn.Module) -> None:
+    """A one-expert SwiGLU bank into a ``gate_proj``/``up_proj``/``down_proj`` MLP."""
+    w1: Tensor = bank.w1[0]  # [d, 2h] = [W_gate | W_up]
     gate, up = w1.T.chunk(2)
-    block.shared_expert.gate_proj.weight.copy_(gate)
-    block.shared_expert.up_proj.weight.copy_(up)
-    block.shared_expert.down_proj.weight.copy_(layer.shared_experts.w2[0].T)
+    mlp.gate_proj.weight.copy_(gate)
+    mlp.up_proj.weight.copy_(up)
+    mlp.down_proj.weight.copy_(bank.w2[0].T)
+
+
+def _export_shared(layer: SharedExpertMoE, block: nn.Module) -> None:
+    _export_mlp(layer.shared_experts, block.shared_expert)
     block.shared_expert_gate.weight.copy_(layer.w_shared_gate.T)
+
+
+def _check_shared_bank(layer: SharedExpertMoE, config, hidden: int) -> None:
+    shared = layer.shared_experts
+    if (not isinstance(shared, FeedForwardExperts) or shared.num_experts != 1
+            or shared.b1 is not None):
+        raise ValueError("the target block has one bias-free shared expert MLP; the layer's "
+                         f"shared_experts is {shared!r}")
+    _expect("shared expert intermediate size", hidden, shared.hidden)
+    _expect("hidden_act of the shared expert", _GATED.get(config.hidden_act), shared.activation)
+
+
+def _check_deepseek_v3(layer: MoELayer, config) -> None:
+    if (not isinstance(layer, SharedExpertMoE) or layer.w_shared_gate is not None
+            or not isinstance(layer.router, DeepSeekV3Router)
+            or not isinstance(layer.experts, FeedForwardExperts)):
+        raise TypeError("a DeepSeek-V3 block needs a SharedExpertMoE without a shared gate, "
+                        "with a DeepSeekV3Router and FeedForwardExperts, got "
+                        f"{type(layer).__name__} with {type(layer.router).__name__}")
+    router, bank = layer.router, layer.experts
+    if bank.b1 is not None or router.b_gate is not None:
+        raise ValueError("the target block has no biases, but the layer's router or experts do")
+    if layer.capacity is not None or layer.expert_output_masking:
+        raise ValueError("the target block is dropless and unmasked; the layer has a capacity "
+                         "or expert output masking")
+    _expect("hidden_size", config.hidden_size, router.d_model)
+    _expect("n_routed_experts", config.n_routed_experts, router.num_experts)
+    _expect("num_experts_per_tok", config.num_experts_per_tok, router.k)
+    _expect("n_group", config.n_group, router.groups)
+    _expect("topk_group", config.topk_group, router.top_groups)
+    _expect("norm_topk_prob", config.norm_topk_prob, router.normalize)
+    _expect("routed_scaling_factor", config.routed_scaling_factor, router.routed_scaling_factor)
+    _expect("moe_intermediate_size", config.moe_intermediate_size, bank.hidden)
+    _expect("hidden_act", _GATED.get(config.hidden_act), bank.activation)
+    _check_shared_bank(layer, config, config.moe_intermediate_size * config.n_shared_experts)

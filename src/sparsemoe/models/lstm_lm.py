@@ -13,6 +13,15 @@ The middle layer is what the Table 7 rows vary (``LMConfig.middle``):
 - ``"deep"``: MoE-1-Deep, one expert with ``deep_layers`` ReLU hidden layers;
 - ``"lstm"``: 4xLSTM, two more LSTM layers instead of the MoE.
 
+How a flat MoE is balanced (``LMConfig.balancing``):
+
+- ``"paper"``: noisy top-k gating with CV(Importance)² and CV(Load)² (Shazeer et al. 2017);
+- ``"switch"``: top-k softmax gating, renormalised, with the Switch loss (Fedus et al. 2021,
+  α = 1e-2; Mixtral's router);
+- ``"aux-free"``: DeepSeek-V3's sigmoid gating balanced by the per-expert bias alone, no
+  auxiliary loss (Wang et al. 2024; γ = 1e-3); the training loop calls
+  :func:`sparsemoe.balancing.update_expert_biases` after each optimiser step.
+
 Index letters: ``B`` batch, ``L`` time, ``d`` width, ``V`` vocabulary.
 """
 
@@ -24,9 +33,12 @@ from dataclasses import dataclass, replace
 from torch import Tensor, nn
 
 from .._checks import check_choice, check_int, check_number
-from ..layers import HierarchicalMoE, MoE
+from ..experts import FeedForwardExperts
+from ..layers import HierarchicalMoE, MoE, MoELayer
+from ..routers import DeepSeekV3Router, TopKRouter
 
 MIDDLES = ("moe", "hmoe", "deep", "lstm")
+BALANCINGS = ("paper", "switch", "aux-free")
 
 State = tuple[tuple[Tensor, Tensor], ...]
 
@@ -46,6 +58,7 @@ class LMConfig:
     dropout: float = 0.1  # DropProb
     w_importance: float = 0.1  # paper, language modelling
     w_load: float = 0.1
+    balancing: str = "paper"  # flat MoE: one of BALANCINGS
 
     @property
     def experts_per_token(self) -> int:
@@ -63,6 +76,10 @@ class LMConfig:
         if self.middle == "hmoe" and self.num_experts % self.groups:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of groups "
                              f"({self.groups}) for a hierarchical MoE")
+        check_choice("balancing", self.balancing, BALANCINGS)
+        if self.balancing != "paper" and self.middle != "moe":
+            raise ValueError(f"balancing {self.balancing!r} is for the flat MoE (middle='moe'), "
+                             f"got middle={self.middle!r}")
 
 
 # Table 7's rows at a scale that trains on 2 CPU cores: d = 128 and expert hidden 256 (the
@@ -113,9 +130,15 @@ class LSTMLanguageModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.drop = nn.Dropout(cfg.dropout)
         layers: list[nn.Module] = [nn.LSTM(d, d, batch_first=True)]
-        if cfg.middle == "moe":
+        if cfg.middle == "moe" and cfg.balancing == "paper":
             layers.append(MoE(d, cfg.num_experts, cfg.k, cfg.hidden, output_activation="sigmoid",
                               w_importance=cfg.w_importance, w_load=cfg.w_load))
+        elif cfg.middle == "moe":
+            n = cfg.num_experts
+            router = (TopKRouter(d, n, cfg.k) if cfg.balancing == "switch"
+                      else DeepSeekV3Router(d, n, cfg.k, w_sequence=0.0))
+            layers.append(MoELayer(router, FeedForwardExperts(n, d, cfg.hidden),
+                                   output_activation="sigmoid"))
         elif cfg.middle == "hmoe":
             layers.append(HierarchicalMoE(
                 d, cfg.groups, cfg.num_experts // cfg.groups, cfg.k_primary, cfg.k_secondary,
@@ -153,9 +176,11 @@ def middle_multiply_adds(cfg, training: bool = False) -> int:
     d·n (doubled in training by the noise matmul) plus k experts of 2·d·h; hierarchical
     (``"hmoe"``): primary gating d·a, secondary gating d·b for each of the k_p chosen groups,
     and k_p·k_s experts; ``"deep"``: one expert with ``deep_layers`` hidden layers. ``cfg`` is
-    any config with these fields (:class:`LMConfig`, the translation model's)."""
+    any config with these fields (:class:`LMConfig`, the translation model's); the noise
+    matmul is counted for the paper's noisy gating only (an LMConfig whose ``balancing`` is
+    ``"switch"`` or ``"aux-free"`` has none)."""
     d, h = cfg.d_model, cfg.hidden
-    gate = 2 if training else 1
+    gate = 2 if training and getattr(cfg, "balancing", "paper") == "paper" else 1
     if cfg.middle == "moe":
         return gate * d * cfg.num_experts + cfg.k * 2 * d * h
     if cfg.middle == "hmoe":

@@ -5,8 +5,9 @@ defaults and tested invariants.
 """
 
 from .._checks import deprecated_alias
-from .base import GateHiddenLayer, LinearRouter, Router, Routing
+from .base import BalanceSums, GateHiddenLayer, LinearRouter, Router, Routing
 from .base_layers import BASERouter
+from .deepseek import DeepSeekV3Router
 from .dense import ArgmaxRouter, SoftmaxRouter
 from .expert_choice import ExpertChoiceRouter
 from .gshard import GShardRouter
@@ -22,6 +23,8 @@ from .top_k import TopKRouter
 __all__ = [
     "ArgmaxRouter",
     "BASERouter",
+    "BalanceSums",
+    "DeepSeekV3Router",
     "ExpertChoiceRouter",
     "GShardRouter",
     "GateHiddenLayer",

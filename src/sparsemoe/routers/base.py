@@ -32,6 +32,9 @@ class Routing(NamedTuple):
             not computed and contributes nothing: the cells of an expert-choice grid that their
             expert did not pick, GShard's skipped second expert. Capacity drops are applied
             by the layer on top of it.
+        sums: the :class:`BalanceSums` ``aux_loss`` was computed from, for routers whose loss
+            is a function of sums over tokens (None otherwise); global-batch balancing
+            (:mod:`sparsemoe.balancing`) adds them over micro-batches and ranks.
     """
 
     expert_indices: Tensor
@@ -40,6 +43,32 @@ class Routing(NamedTuple):
     load: Tensor
     aux_loss: Tensor
     valid: Tensor | None = None
+    sums: BalanceSums | None = None
+
+
+class BalanceSums(NamedTuple):
+    """Sums over tokens from which a router computes its balancing loss
+    (``router.balance_loss(sums)``). The sums of two batches, field by field, are the sums of
+    their union, so the loss of a global batch is the loss of the added sums.
+
+    Attributes:
+        tokens: 0-d, the number of tokens ``T``.
+        importance: ``[n]`` Σ_x G(x) (eq. 6).
+        load: ``[n]`` the load the router balances (eq. 10's Σ_x P(x, i), or pair counts).
+        probs: ``[n]`` Σ_x p(x), the router probabilities (``T·P_i`` of the Switch loss).
+        dispatched: ``[n]`` the pairs counted in the Switch loss's ``f_i`` (``T·f_i``).
+        z: 0-d, Σ_x logsumexp(logits(x))² (``T`` times the z-loss).
+    """
+
+    tokens: Tensor
+    importance: Tensor
+    load: Tensor
+    probs: Tensor
+    dispatched: Tensor
+    z: Tensor
+
+    def __add__(self, other: BalanceSums) -> BalanceSums:  # type: ignore[override]
+        return BalanceSums(*(a + b for a, b in zip(self, other, strict=True)))
 
 
 class Router(nn.Module):
@@ -47,12 +76,20 @@ class Router(nn.Module):
     ``num_experts`` experts and set ``d_model`` and ``num_experts``.
 
     A router whose decision depends on the token ids rather than the features (hash routing)
-    sets ``uses_token_ids = True`` and implements ``forward(x, token_ids [T])``.
+    sets ``uses_token_ids = True`` and implements ``forward(x, token_ids [T])``. A router
+    whose loss is computed per sequence sets ``uses_sequences = True`` and implements
+    ``forward(x, sequence_ids [T])``; the layer numbers the sequences (the last-but-one
+    dimension of its input indexes the tokens of one sequence).
+
+    A router that fills :attr:`Routing.sums` implements ``balance_loss(sums) -> Tensor``,
+    the auxiliary loss of those sums, which global-batch balancing calls on the sums of a
+    whole global batch.
     """
 
     num_experts: int
     d_model: int
     uses_token_ids: bool = False
+    uses_sequences: bool = False
 
     __deepcopy__ = deepcopy_without_graph  # a router may keep its last forward's log_prob
 
@@ -155,26 +192,46 @@ class LinearRouter(Router):
             out = self.gate_input(x) @ self.w_gate
             return out if self.b_gate is None else out + self.b_gate
 
-    def aux_loss(
+    def balance_sums(
         self, logits: Tensor, probs: Tensor, dispatched: Tensor, importance: Tensor,
-        valid: Tensor | None = None,
-    ) -> Tensor:
-        """The weighted sum of the configured auxiliary losses.
+        load: Tensor, valid: Tensor | None = None,
+    ) -> BalanceSums:
+        """The :class:`BalanceSums` of a batch (the sums the configured losses need).
 
         Args:
             logits: ``[T, n]`` router logits (for the z-loss).
             probs: ``[T, n]`` router probabilities (P_i of the switch loss).
             dispatched: ``[T, k]`` the experts counted in f_i of the switch loss.
             importance: ``[n]`` Σ_x G(x).
+            load: ``[n]`` the counted load.
             valid: ``[T, k]`` bool mask of ``dispatched``, or None.
         """
-        aux = logits.new_zeros(())
-        if self.w_importance:
-            aux = aux + self.w_importance * MF.cv_squared(importance)
+        zero = logits.new_zeros(())
+        tokens = zero + logits.shape[0]
+        z = torch.logsumexp(logits, -1).square().sum() if self.w_z else zero
         if self.w_switch:
-            aux = aux + self.w_switch * MF.switch_loss(probs, dispatched, valid)
+            counts = MF.pair_load(dispatched, self.num_experts, valid).to(probs.dtype)
+            probs_sum = probs.sum(0)
+        else:
+            counts = probs_sum = logits.new_zeros(self.num_experts)
+        return BalanceSums(tokens, importance, load, probs_sum, counts, z)
+
+    def balance_loss(self, sums: BalanceSums) -> Tensor:
+        """The weighted sum of the configured auxiliary losses, from sums over tokens:
+
+        ``w_importance·CV(Importance)² + w_switch·N·Σ_i (c_i/T)·(ΣP_i/T) + w_z·Σz/T``
+        (:func:`~sparsemoe.functional.cv_squared`, :func:`~sparsemoe.functional.switch_loss`,
+        :func:`~sparsemoe.functional.z_loss`; each 0 for no tokens).
+        """
+        aux = sums.z.new_zeros(())
+        t = sums.tokens.clamp(min=1)  # no tokens: every sum is 0, and so is the loss
+        if self.w_importance:
+            aux = aux + self.w_importance * MF.cv_squared(sums.importance)
+        if self.w_switch:
+            aux = aux + self.w_switch * self.num_experts * (
+                sums.dispatched * sums.probs).sum() / t.square()
         if self.w_z:
-            aux = aux + self.w_z * MF.z_loss(logits)
+            aux = aux + self.w_z * sums.z / t
         return aux
 
     def routing(
@@ -186,10 +243,11 @@ class LinearRouter(Router):
         importance = MF.pair_importance(expert_indices, combine_weights, self.num_experts, valid)
         load = MF.pair_load(expert_indices, self.num_experts, valid).to(combine_weights.dtype)
         if dispatched is None:
-            aux = self.aux_loss(logits, probs, expert_indices, importance, valid)
+            sums = self.balance_sums(logits, probs, expert_indices, importance, load, valid)
         else:
-            aux = self.aux_loss(logits, probs, dispatched, importance)
-        return Routing(expert_indices, combine_weights, importance, load, aux, valid)
+            sums = self.balance_sums(logits, probs, dispatched, importance, load)
+        return Routing(expert_indices, combine_weights, importance, load,
+                       self.balance_loss(sums), valid, sums)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, "

@@ -148,6 +148,7 @@ class MarginConstrainedRouter(Router):
             importance=MF.pair_importance(routing.expert_indices, c.combine_weights, n, c.mask),
             load=MF.pair_load(routing.expert_indices, n, c.mask).to(c.combine_weights.dtype),
             valid=c.mask,
+            sums=None,  # the constraint depends on the order of the tokens
         )
 
     def extra_repr(self) -> str:

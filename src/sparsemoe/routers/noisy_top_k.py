@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .. import functional as MF
 from .._checks import check_bool, check_int, check_number, check_top_k, renamed_argument
-from .base import LinearRouter, Router, Routing, full_precision
+from .base import BalanceSums, LinearRouter, Router, Routing, full_precision
 
 
 class _ImportanceLoadLosses:
@@ -27,9 +27,15 @@ class _ImportanceLoadLosses:
     def _routing(
         self, expert_indices: Tensor, combine_weights: Tensor, importance: Tensor, load: Tensor
     ) -> Routing:
-        """The routing record with L_importance + L_load as its aux loss."""
-        aux = MF.balancing_loss(importance, load, self.w_importance, self.w_load)
-        return Routing(expert_indices, combine_weights, importance, load, aux)
+        """The routing record with L_importance + L_load as its aux loss, and its sums."""
+        zero, none = importance.new_zeros(()), importance.new_zeros(self.num_experts)
+        sums = BalanceSums(zero + expert_indices.shape[0], importance, load, none, none, zero)
+        return Routing(expert_indices, combine_weights, importance, load,
+                       self.balance_loss(sums), None, sums)
+
+    def balance_loss(self, sums: BalanceSums) -> Tensor:
+        """L_importance + L_load of the sums' Importance and Load (eqs. 7 and 11)."""
+        return MF.balancing_loss(sums.importance, sums.load, self.w_importance, self.w_load)
 
 
 class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):

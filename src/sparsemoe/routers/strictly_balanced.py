@@ -87,7 +87,7 @@ class StrictlyBalancedRouter(LinearRouter):
             aux = routing.aux_loss + self.w_batchwise * batchwise_threshold_loss(
                 g_sigma, self.thresholds, mask
             )
-            routing = routing._replace(aux_loss=aux)
+            routing = routing._replace(aux_loss=aux, sums=None)  # L_batchwise is no sum
         return routing
 
     def extra_repr(self) -> str:
