@@ -223,10 +223,18 @@ def load_one_billion_word(
 def load_corpus(
     spec: Sequence[str], vocab_size: int | None = 10_000, vocab: Vocabulary | None = None
 ) -> Corpus:
-    """``["shakespeare"]``, ``["1b-word=ROOT"]`` or a list of text files. ``vocab_size=None``
-    keeps every training word (for 1b-word: every word seen 3+ times)."""
+    """``["shakespeare"]``, ``["1b-word=ROOT"]``, a corpus of :mod:`sparsemoe.data.corpora`
+    (``["sotu"]``, ``["brown"]``, ``["debian-doc"]``, ``["debian-doc=PKG,PKG"]``) or a list of
+    text files. ``vocab_size=None`` keeps every training word (for 1b-word: every word seen 3+
+    times)."""
     if list(spec) == ["shakespeare"]:
         return load_shakespeare(vocab_size, vocab=vocab)
+    if len(spec) == 1 and not Path(spec[0]).is_file():
+        from .corpora import load_named  # corpora builds on this module
+
+        named = load_named(spec[0], vocab_size, vocab)
+        if named is not None:
+            return named
     if len(spec) == 1 and spec[0].startswith("1b-word="):
         return load_one_billion_word(spec[0].split("=", 1)[1], vocab_size, vocab=vocab)
     return load_text_files(spec, vocab_size, vocab=vocab)
