@@ -2,7 +2,9 @@
 router actually produced, the gate-gradient probe against autograd on the whole loss, and a
 tiny end-to-end table."""
 
+import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from sparsemoe.experiments.table6 import (
     format_table6,
     gate_gradients,
     routing_balance,
+    run_weighting,
     table6,
 )
 from sparsemoe.models.lstm_lm import LMConfig, LSTMLanguageModel
@@ -144,6 +147,19 @@ def test_table6_end_to_end(corpus_file, tmp_path):
     assert f"({paper[3]:.2f}) |" in table.splitlines()[3]
     assert table.splitlines()[4].count("(") == 0  # (0.3, 0) is not in the paper
     assert len(table.splitlines()) == 5
+
+
+def test_finished_rows_are_read_back_and_gate_init(corpus_file, tmp_path):
+    base = tiny(corpus_file, tmp_path)
+    first = table6(base, [(0.1, 0.1)], progress=False)
+    again = table6(base, [(0.1, 0.1)], progress=False)  # nothing trained: the same row
+    assert again == [json.loads(json.dumps(first[0]))]
+    longer = table6(replace(base, steps=5), [(0.1, 0.1)], progress=False)  # resumed
+    assert longer[0]["steps"] == 5
+    assert longer[0]["history"]["batch"][:4] == first[0]["history"]["batch"]
+    drawn = run_weighting(replace(base, out=str(tmp_path / "drawn")), 0.1, 0.1,
+                          progress=False, gate_init_std=0.5)
+    assert drawn["history"]["batch"][0] != first[0]["history"]["batch"][0]
 
 
 def test_balance_trainer_resumes(corpus_file, tmp_path):

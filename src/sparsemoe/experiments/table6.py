@@ -147,14 +147,23 @@ class BalanceTrainer(Trainer):
 
 def run_weighting(
     base: TrainConfig, w_importance: float, w_load: float, corpus: Corpus | None = None,
-    progress: bool = True,
+    progress: bool = True, gate_init_std: float = 0.0,
 ) -> dict:
     """Train ``base`` with the given loss weights (into ``base.out``) and return its Table-6
     row: the weights, test and validation perplexity, the balance of the evaluation routing
     over the whole validation text, the noisy routing's over its first ``eval_tokens``, and
-    the training history."""
+    the training history.
+
+    ``gate_init_std > 0`` draws the first MoE layer's W_g from N(0, gate_init_std²) (seeded by
+    ``base.seed``) instead of the paper's zeros, before the first step of a fresh run.
+    """
     cfg = replace(base, model={**base.model, "w_importance": w_importance, "w_load": w_load})
     trainer = BalanceTrainer(cfg, corpus, progress=progress)
+    if gate_init_std > 0 and trainer.step == 0:
+        w_gate = trainer.model.moe_layers()[0].router.w_gate
+        draw = torch.Generator().manual_seed(cfg.seed)
+        with torch.no_grad():
+            w_gate.copy_(torch.randn(w_gate.shape, generator=draw) * gate_init_std)
     metrics = trainer.run()
     final = metrics["history"]["balance"][-1]  # the whole validation text, from finish()
     row = {"w_importance": w_importance, "w_load": w_load,
@@ -167,16 +176,23 @@ def run_weighting(
 
 
 def table6(
-    base: TrainConfig, weightings=WEIGHTINGS, progress: bool = True
+    base: TrainConfig, weightings=WEIGHTINGS, progress: bool = True, gate_init_std: float = 0.0
 ) -> list[dict]:
     """Table 6 in miniature: ``base`` (e.g. ``preset="MoE-256"``) trained once per
     ``(w_importance, w_load)`` on the same corpus, data order and seed, each into
-    ``base.out/wi{w_importance}_wl{w_load}``. Returns the rows of :func:`run_weighting`."""
-    corpus = load_corpus(base.corpus, base.vocab_size)
+    ``base.out/wi{w_importance}_wl{w_load}``. Returns the rows of :func:`run_weighting`; a
+    weighting already trained to ``base.steps`` there is read back from its
+    ``table6_row.json``."""
+    corpus = None
     rows = []
     for wi, wl in weightings:
         cfg = replace(base, out=str(Path(base.out) / f"wi{wi}_wl{wl}"))
-        rows.append(run_weighting(cfg, wi, wl, corpus, progress))
+        done = Path(cfg.out) / "table6_row.json"
+        if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
+            rows.append(json.loads(done.read_text()))  # finished by an earlier call
+            continue
+        corpus = corpus or load_corpus(base.corpus, base.vocab_size)
+        rows.append(run_weighting(cfg, wi, wl, corpus, progress, gate_init_std))
     return rows
 
 
