@@ -3,6 +3,7 @@ router actually produced, the gate-gradient probe against autograd on the whole 
 tiny end-to-end table."""
 
 import json
+import math
 import random
 from dataclasses import replace
 
@@ -16,6 +17,7 @@ from sparsemoe.experiments.table6 import (
     balance_statistics,
     format_table6,
     gate_gradients,
+    gate_scales,
     routing_balance,
     run_weighting,
     table6,
@@ -88,6 +90,37 @@ def test_routing_balance_sums_the_routers_choices(noisy):
     if not noisy:
         counts = evaluate(model, tokens, 3, 4)["tokens_per_expert"][0]
         assert counts == load.long().tolist()
+
+
+def test_gate_scales_by_hand():
+    """The router's inputs are the first LSTM's output plus the embedding (the residual):
+    recompute them outside the model and the three scales from their definitions."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
+                                       dropout=0.0))
+    router = model.moe_layers()[0].router
+    with torch.no_grad():
+        router.w_gate.normal_()
+        router.w_noise.normal_()
+    tokens = torch.randint(0, 11, (41,))  # 40 inputs: 4 streams of 10, bptt 5
+    got = gate_scales(model, tokens, batch_size=4, bptt=5)
+    with torch.no_grad():
+        streams = tokens[:40].view(4, 10).long()
+        emb = model.embed(streams)
+        x = (emb + model.layers[0](emb)[0]).reshape(-1, 8).double()
+    logits = x @ router.w_gate.double()
+    mean = logits.mean(0)
+    assert got["common_spread"] == pytest.approx(
+        math.sqrt(((mean - mean.mean()) ** 2).mean().item()), rel=1e-5)
+    centred = logits - mean
+    per_token = ((centred - centred.mean(1, keepdim=True)) ** 2).mean(1).sqrt()
+    assert got["token_spread"] == pytest.approx(per_token.mean().item(), rel=1e-5)
+    sigma = torch.log1p(torch.exp(x @ router.w_noise.double())) + 1e-2
+    assert got["noise_stddev"] == pytest.approx(sigma.mean().item(), rel=1e-5)
+    fresh = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8))
+    zero = gate_scales(fresh, tokens, 4, 5)  # the paper's zero init: no logits, noise 0.70
+    assert zero["common_spread"] == zero["token_spread"] == 0.0
+    assert zero["noise_stddev"] == pytest.approx(math.log(2) + 1e-2, rel=1e-6)
 
 
 def test_noisy_routing_differs_from_clean():

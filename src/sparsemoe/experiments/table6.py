@@ -82,6 +82,39 @@ def routing_balance(
     return balance_statistics(importance, load)
 
 
+@torch.no_grad()
+def gate_scales(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int) -> dict:
+    """How the first MoE layer's clean logits x·W_g compare with its noise over ``tokens``
+    (read as :func:`routing_balance` reads them, the model in evaluation mode).
+
+    Returns ``noise_stddev``, the mean of Softplus(x·W_noise) + ε (eq. 4); ``common_spread``,
+    the standard deviation over experts of the logits' mean over tokens (a preference every
+    token shares, which sends the clean top-k to the same experts); ``token_spread``, the mean
+    over tokens of the standard deviation over experts of the logits minus that mean (what
+    tells tokens apart).
+    """
+    router = model.moe_layers()[0].router
+    inputs: list[Tensor] = []
+    hook = router.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in stream_forward(model, tokens, batch_size, bptt):
+            pass
+    finally:
+        hook.remove()
+        model.train(was_training)
+    x = torch.cat(inputs).double()
+    logits = x @ router.w_gate.double()
+    common = logits.mean(0)
+    out = {"common_spread": float(common.std(correction=0)),
+           "token_spread": float((logits - common).std(dim=1, correction=0).mean())}
+    if router.w_noise is not None:
+        sigma = F.softplus(x @ router.w_noise.double()) + router.noise_epsilon
+        out["noise_stddev"] = float(sigma.mean())
+    return out
+
+
 def gate_gradients(trainer: Trainer, inputs: Tensor, targets: Tensor) -> dict:
     """The gradient norms the cross-entropy and the auxiliary loss each send to the first MoE
     layer's gate parameters on one training-mode batch, with the loss values; the model's
@@ -110,8 +143,8 @@ class BalanceTrainer(Trainer):
     smooth load, max/mean of the routed counts, the auxiliary loss), and at each validation in
     ``history["balance"]``: ``clean``, the evaluation routing over the text the validation read
     (all of it at the end of the run); ``noisy``, the same routing with the gating noise over
-    the first ``eval_tokens`` validation tokens; and :func:`gate_gradients` on the first
-    validation batch."""
+    the first ``eval_tokens`` validation tokens; :func:`gate_scales` over those tokens; and
+    :func:`gate_gradients` on the first validation batch."""
 
     def train_step(self) -> float:
         ce = super().train_step()
@@ -141,6 +174,7 @@ class BalanceTrainer(Trainer):
             "step": self.step, "tokens": v["tokens"],
             "clean": balance_statistics(sums["importance"], sums["load"]),
             "noisy": routing_balance(self.model, head, c.batch_size, c.bptt, noisy=True),
+            "scales": gate_scales(self.model, head, c.batch_size, c.bptt),
             **gate_gradients(self, inputs, targets)})
         return v
 
