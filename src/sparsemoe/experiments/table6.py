@@ -179,6 +179,17 @@ class BalanceTrainer(Trainer):
         return v
 
 
+def init_gate(trainer: Trainer, std: float) -> None:
+    """Draw the first MoE layer's W_g from N(0, std²), seeded by the run's seed, instead of
+    the paper's zeros; only before the first step of a fresh run, and not at all for
+    ``std == 0`` (the paper's initialisation)."""
+    if std > 0 and trainer.step == 0:
+        w_gate = trainer.model.moe_layers()[0].router.w_gate
+        draw = torch.Generator().manual_seed(trainer.cfg.seed)
+        with torch.no_grad():
+            w_gate.copy_(torch.randn(w_gate.shape, generator=draw) * std)
+
+
 def run_weighting(
     base: TrainConfig, w_importance: float, w_load: float, corpus: Corpus | None = None,
     progress: bool = True, gate_init_std: float = 0.0,
@@ -193,11 +204,7 @@ def run_weighting(
     """
     cfg = replace(base, model={**base.model, "w_importance": w_importance, "w_load": w_load})
     trainer = BalanceTrainer(cfg, corpus, progress=progress)
-    if gate_init_std > 0 and trainer.step == 0:
-        w_gate = trainer.model.moe_layers()[0].router.w_gate
-        draw = torch.Generator().manual_seed(cfg.seed)
-        with torch.no_grad():
-            w_gate.copy_(torch.randn(w_gate.shape, generator=draw) * gate_init_std)
+    init_gate(trainer, gate_init_std)
     metrics = trainer.run()
     final = metrics["history"]["balance"][-1]  # the whole validation text, from finish()
     row = {"w_importance": w_importance, "w_load": w_load,
