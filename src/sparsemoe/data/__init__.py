@@ -2,6 +2,7 @@
 use (never shipped with sparsemoe)."""
 
 from .batching import StreamBatcher, eval_batches
+from .corpora import load_corpus
 from .digits import (
     DIGIT_SETS,
     DigitSplit,
@@ -21,7 +22,7 @@ from .jitter import (
     random_offsets,
 )
 from .mcycle import load_mcycle, read_mcycle
-from .text import Corpus, Vocabulary, load_corpus, load_one_billion_word, tokenize_words
+from .text import Corpus, Vocabulary, load_one_billion_word, tokenize_words
 
 __all__ = [
     "DIGIT_SETS",

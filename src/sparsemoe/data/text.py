@@ -223,14 +223,3 @@ def load_one_billion_word(
     splits = {"train": read(train_files), "valid": read([valid_file]), "test": read([test_file])}
     return build_corpus("1b-word", splits, vocab_size, min_count, vocab)
 
-
-def load_corpus(
-    spec: Sequence[str], vocab_size: int | None = 10_000, vocab: Vocabulary | None = None
-) -> Corpus:
-    """``["shakespeare"]``, ``["1b-word=ROOT"]`` or a list of text files. ``vocab_size=None``
-    keeps every training word (for 1b-word: every word seen 3+ times)."""
-    if list(spec) == ["shakespeare"]:
-        return load_shakespeare(vocab_size, vocab=vocab)
-    if len(spec) == 1 and spec[0].startswith("1b-word="):
-        return load_one_billion_word(spec[0].split("=", 1)[1], vocab_size, vocab=vocab)
-    return load_text_files(spec, vocab_size, vocab=vocab)
