@@ -104,3 +104,13 @@ def fetched_or_skip(load):
         return load()
     except FetchError as e:
         pytest.skip(f"no network and no cached copy: {e}")
+
+
+def tiny_config(corpus_file, out, **kw):
+    """A 4-expert LM small enough to train a few steps in a test."""
+    from sparsemoe.experiments.lm import LMTrainConfig
+
+    return LMTrainConfig(corpus=(corpus_file,), vocab_size=None, preset=None,
+                         model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8},
+                         batch_size=4, bptt=5, steps=6, eval_every=2, eval_tokens=200,
+                         warmup=3, out=str(out), **kw)

@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import random
 import subprocess
 import sys
 from dataclasses import replace
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 from torch import nn
 
 import sparsemoe
@@ -21,24 +21,6 @@ from sparsemoe.experiments.lm import (
     lr_factor,
 )
 from sparsemoe.experiments.runs import RunError
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ["the", "king", "and", "queen", "of", "a", "land", "far", "away", "went", "to",
-             "see", "the", "sea", "with", "ships"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) for _ in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(lines))
-    return str(path)
-
-
-def tiny_config(corpus_file, out, **kw):
-    return LMTrainConfig(corpus=(corpus_file,), vocab_size=None, preset=None,
-                       model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8},
-                       batch_size=4, bptt=5, steps=6, eval_every=2, eval_tokens=200,
-                       warmup=3, out=str(out), **kw)
 
 
 def test_lr_schedule():

@@ -4,7 +4,6 @@ checkpoints, a full disk, divergence, bad flags (issue 19, items 2-8)."""
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,30 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from sparsemoe.cli import main
 from sparsemoe.experiments import lm, lm_report, runs
 from sparsemoe.experiments.runs import RunError
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = random.Random(0)
-    words = ["the", "king", "and", "queen", "of", "a", "land", "far", "away", "went", "to",
-             "see", "the", "sea", "with", "ships"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) for _ in range(400)]
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text("\n".join(lines))
-    return str(path)
-
-
-def tiny_config(corpus_file, out, **kw):
-    return lm.LMTrainConfig(corpus=(corpus_file,), vocab_size=None, preset=None,
-                          model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8},
-                          batch_size=4, bptt=5, steps=6, eval_every=2, eval_tokens=200,
-                          warmup=3, out=str(out), **kw)
 
 
 def _compare_args(corpus_file, out, *extra):

@@ -189,16 +189,21 @@ def _export_stacked(bank: FeedForwardExperts, experts: nn.Module) -> None:
         experts.down_proj.copy_(bank.w2.transpose(1, 2))
 
 
+def _check_bias_free_dropless(layer: MoELayer) -> None:
+    """The transformers blocks have no biases, no capacity and no expert output masking."""
+    if layer.experts.b1 is not None or layer.router.b_gate is not None:
+        raise ValueError("the target block has no biases, but the layer's router or experts do")
+    if layer.capacity is not None or layer.expert_output_masking:
+        raise ValueError("the target block is dropless and unmasked; the layer has a capacity "
+                         "or expert output masking")
+
+
 def _check_convertible(layer: MoELayer, config, n: int, hidden: int) -> None:
     router, bank = layer.router, layer.experts
     if not isinstance(router, TopKRouter) or not isinstance(bank, FeedForwardExperts):
         raise TypeError("the layer must have a TopKRouter and FeedForwardExperts for this "
                         f"block, got {type(router).__name__} and {type(bank).__name__}")
-    if bank.b1 is not None or router.b_gate is not None:
-        raise ValueError("the target block has no biases, but the layer's router or experts do")
-    if layer.capacity is not None or layer.expert_output_masking:
-        raise ValueError("the target block is dropless and unmasked; the layer has a capacity "
-                         "or expert output masking")
+    _check_bias_free_dropless(layer)
     _expect("hidden_size", config.hidden_size, router.d_model)
     _expect("number of experts", n, router.num_experts)
     _expect("num_experts_per_tok", config.num_experts_per_tok, router.k)
@@ -312,11 +317,7 @@ def _check_deepseek_v3(layer: MoELayer, config) -> None:
                         "with a DeepSeekV3Router and FeedForwardExperts, got "
                         f"{type(layer).__name__} with {type(layer.router).__name__}")
     router, bank = layer.router, layer.experts
-    if bank.b1 is not None or router.b_gate is not None:
-        raise ValueError("the target block has no biases, but the layer's router or experts do")
-    if layer.capacity is not None or layer.expert_output_masking:
-        raise ValueError("the target block is dropless and unmasked; the layer has a capacity "
-                         "or expert output masking")
+    _check_bias_free_dropless(layer)
     _expect("hidden_size", config.hidden_size, router.d_model)
     _expect("n_routed_experts", config.n_routed_experts, router.num_experts)
     _expect("num_experts_per_tok", config.num_experts_per_tok, router.k)
