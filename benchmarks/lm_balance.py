@@ -71,15 +71,15 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=20_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--gate-init-std", type=float, default=0.0,
-                   help="W_g drawn from N(0, std²) instead of the paper's zeros")
+                   help="W_g drawn from N(0, std²) instead of the paper's zeros (LMConfig)")
     p.add_argument("--out", default="runs/table6")
     a = p.parse_args()
     base = LMTrainConfig(corpus=tuple(a.corpus), preset=a.preset,
-                       model={"dropout": a.dropout, **a.model}, batch_size=a.batch_size,
-                       bptt=a.bptt, lr=a.lr, warmup=a.warmup,
+                       model={"dropout": a.dropout, "gate_init_std": a.gate_init_std, **a.model},
+                       batch_size=a.batch_size, bptt=a.bptt, lr=a.lr, warmup=a.warmup,
                        steps=a.steps, eval_every=a.eval_every, eval_tokens=a.eval_tokens,
                        seed=a.seed, out=a.out)
-    rows = table6(base, a.weightings, gate_init_std=a.gate_init_std)
+    rows = table6(base, a.weightings)
     out = Path(a.out)
     table = format_table6(rows)
     (out / "table6.md").write_text(table + "\n")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 from sparsemoe.data import load_corpus
 from sparsemoe.experiments.lm import METRICS, LMTrainConfig, Trainer
-from sparsemoe.experiments.table6 import init_gate
 
 KEYS = ("test_perplexity", "valid_perplexity")
 
@@ -105,16 +104,15 @@ def main() -> None:
     corpus = None
     for seed in a.seeds:
         for (preset, std), name in zip(a.runs, names, strict=True):
-            cfg = replace(base, preset=preset, seed=seed, out=str(out / name / f"seed{seed}"))
+            cfg = replace(base, preset=preset, seed=seed, out=str(out / name / f"seed{seed}"),
+                          model={**base.model, "gate_init_std": std})
             done = Path(cfg.out) / METRICS
             if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
                 metrics = json.loads(done.read_text())
             else:
                 corpus = corpus or load_corpus(base.corpus, base.vocab_size)
                 t0 = time.perf_counter()
-                trainer = Trainer(cfg, corpus)
-                init_gate(trainer, std)
-                metrics = trainer.run()
+                metrics = Trainer(cfg, corpus).run()
                 print(f"{name} seed {seed}: test {metrics['test_perplexity']:.1f}, valid "
                       f"{metrics['valid_perplexity']:.1f}, {time.perf_counter() - t0:.0f} s "
                       f"wall", flush=True)

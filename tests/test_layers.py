@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from helpers import check_against_reference, randomise_gates, reference_experts
@@ -135,6 +137,27 @@ def test_zero_initialised_layer_balances_and_eval_is_deterministic():
     y1, y2 = layer(x), layer(x)
     assert torch.equal(y1, y2)
     torch.testing.assert_close(layer.stats.load, layer.stats.tokens_per_expert.float())
+
+
+@pytest.mark.parametrize("make", [
+    lambda std: sparsemoe.MoE(64, 64, 2, 8, gate_init_std=std),
+    lambda std: sparsemoe.HierarchicalMoE(64, 8, 8, hidden=8, gate_init_std=std),
+])
+def test_gate_init_std_draws_normal_gates_and_zero_keeps_the_papers(make):
+    gates = lambda layer: [p for n, p in layer.router.named_parameters() if "gate" in n]  # noqa: E731
+    noises = lambda layer: [p for n, p in layer.router.named_parameters() if "noise" in n]  # noqa: E731
+    assert all(torch.count_nonzero(w) == 0 for w in gates(make(0.0)) + noises(make(0.0)))
+    torch.manual_seed(3)
+    layer = make(0.25)
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(gates(layer), gates(make(0.25)), strict=True))
+    for w in gates(layer):  # mean and std within 4 standard errors of 0 and 0.25
+        assert abs(w.mean().item()) < 4 * 0.25 / math.sqrt(w.numel())
+        assert w.std().item() == pytest.approx(0.25, abs=4 * 0.25 / math.sqrt(2 * w.numel()))
+    assert all(torch.count_nonzero(w) == 0 for w in noises(layer))  # the noise stays the paper's
+    assert "gate_init_std=0.25" in repr(layer.router)
+    with pytest.raises(ValueError, match=r"gate_init_std must be a number in \[0, inf\), got -0.1"):
+        make(-0.1)
 
 
 def test_empty_input_and_sigmoid_output():

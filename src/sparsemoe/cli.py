@@ -101,7 +101,9 @@ _LM_MODEL_HELP = {"middle": "middle layer", "num_experts": "experts", "k": "expe
                   "(flat MoE)", "hidden": "expert hidden width", "d_model": "model width",
                   "groups": "hierarchical MoE groups", "dropout": "dropout probability",
                   "balancing": "how the flat MoE is balanced: paper (noisy top-k, CV losses), "
-                  "switch (top-k, Switch loss), aux-free (DeepSeek-V3 bias)"}
+                  "switch (top-k, Switch loss), aux-free (DeepSeek-V3 bias)",
+                  "gate_init_std": "noisy top-k gates: W_g ~ N(0, std²) instead of the paper's "
+                  "zeros (default: the preset's)"}
 
 
 def _lm_arch(args: argparse.Namespace) -> str:

@@ -263,7 +263,8 @@ def _expert_bank(
 class MoE(MoELayer):
     """The Sparsely-Gated Mixture-of-Experts layer of Shazeer et al. (2017).
 
-    Noisy top-k gating (eqs. 3–5; ``W_g`` and ``W_noise`` zero-initialised), ``num_experts``
+    Noisy top-k gating (eqs. 3–5; ``W_g`` and ``W_noise`` zero-initialised as in the paper,
+    ``W_g`` from N(0, gate_init_std²) on request), ``num_experts``
     feed-forward experts, and the balancing losses L_importance + L_load (eqs. 6–11) in
     :attr:`aux_loss`. Add ``sparsemoe.aux_loss(model)`` to the training loss.
 
@@ -280,6 +281,8 @@ class MoE(MoELayer):
         noisy_gating: add tunable Gaussian noise in training (False: top-k softmax gating).
         noise_epsilon: floor of the noise stddev.
         w_importance, w_load: loss weights (paper, language modelling: 0.1 each).
+        gate_init_std: ``W_g ~ N(0, gate_init_std²)`` instead of the paper's zeros (0, the
+            default); see :class:`~sparsemoe.routers.NoisyTopKRouter`.
         bias: expert biases (default off: the reference code's experts are bias-free, as
             are Mixtral's).
         impl: grouped-matmul implementation (``"auto"``, ``"grouped_mm"``, ``"loop"``).
@@ -315,6 +318,7 @@ class MoE(MoELayer):
         noise_epsilon: float = 1e-2,
         w_importance: float = 0.1,
         w_load: float = 0.1,
+        gate_init_std: float = 0.0,
         bias: bool = False,
         impl: str = "auto",
         capacity: Capacity | None = None,
@@ -326,7 +330,7 @@ class MoE(MoELayer):
                                           expert_modules)
         router = NoisyTopKRouter(
             d_model, num_experts, k, noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
-            w_importance=w_importance, w_load=w_load,
+            w_importance=w_importance, w_load=w_load, gate_init_std=gate_init_std,
         )
         bank = _expert_bank(num_experts, d_model, hidden, expert_modules, activation, bias, impl,
                             recompute, process_group)
@@ -348,7 +352,7 @@ class HierarchicalMoE(MoELayer):
         experts_per_group: ``b``.
         k_primary, k_secondary: choices per level (paper: 2 and 2).
         hidden, expert_modules, activation, output_activation, noisy_gating, noise_epsilon,
-        w_importance, w_load, bias, impl, capacity, recompute, process_group: as in
+        w_importance, w_load, gate_init_std, bias, impl, capacity, recompute, process_group: as in
         :class:`MoE`; ``expert_modules`` must then hold ``a·b`` modules (``a·b / W`` with a
         process group), group ``i``'s expert ``j`` at index ``i·b + j``; ``experts=`` is its
         deprecated name.
@@ -373,6 +377,7 @@ class HierarchicalMoE(MoELayer):
         noise_epsilon: float = 1e-2,
         w_importance: float = 0.1,
         w_load: float = 0.1,
+        gate_init_std: float = 0.0,
         bias: bool = False,
         impl: str = "auto",
         capacity: Capacity | None = None,
@@ -385,7 +390,7 @@ class HierarchicalMoE(MoELayer):
         router = HierarchicalNoisyTopKRouter(
             d_model, groups, experts_per_group, k_primary, k_secondary,
             noisy_gating=noisy_gating, noise_epsilon=noise_epsilon,
-            w_importance=w_importance, w_load=w_load,
+            w_importance=w_importance, w_load=w_load, gate_init_std=gate_init_std,
         )
         bank = _expert_bank(
             router.num_experts, d_model, hidden, expert_modules, activation, bias, impl,

@@ -18,7 +18,6 @@ from sparsemoe.experiments.table6 import (
     format_table6,
     gate_gradients,
     gate_scales,
-    init_gate,
     routing_balance,
     run_weighting,
     table6,
@@ -191,8 +190,9 @@ def test_finished_rows_are_read_back_and_gate_init(corpus_file, tmp_path):
     longer = table6(replace(base, steps=5), [(0.1, 0.1)], progress=False)  # resumed
     assert longer[0]["steps"] == 5
     assert longer[0]["history"]["batch"][:4] == first[0]["history"]["batch"]
-    drawn = run_weighting(replace(base, out=str(tmp_path / "drawn")), 0.1, 0.1,
-                          progress=False, gate_init_std=0.5)
+    drawn = run_weighting(replace(base, out=str(tmp_path / "drawn"),
+                                  model={**base.model, "gate_init_std": 0.5}), 0.1, 0.1,
+                          progress=False)
     assert drawn["history"]["batch"][0] != first[0]["history"]["batch"][0]
 
 
@@ -201,22 +201,3 @@ def test_balance_trainer_resumes(corpus_file, tmp_path):
     again = BalanceTrainer(tiny(corpus_file, tmp_path), progress=False)
     again.run()
     assert len(again.history["batch"]) == 4 and len(again.history["balance"]) == 3
-
-
-def test_init_gate_draws_seeded_normal_weights_only_for_a_fresh_run(corpus_file, tmp_path):
-    cfg = replace(tiny(corpus_file, tmp_path), model={**tiny(corpus_file, tmp_path).model,
-                                                      "d_model": 64, "num_experts": 64})
-    paper = Trainer(cfg, progress=False)
-    init_gate(paper, 0.0)
-    assert torch.count_nonzero(paper.model.moe_layers()[0].router.w_gate) == 0
-    drawn = [Trainer(replace(cfg, seed=s), progress=False) for s in (0, 0, 1)]
-    for t in drawn:
-        init_gate(t, 0.25)
-    w = [t.model.moe_layers()[0].router.w_gate.detach() for t in drawn]
-    assert torch.equal(w[0], w[1]) and not torch.equal(w[0], w[2])
-    # 4,096 draws: the sample mean and std within 4 standard errors of 0 and 0.25
-    assert abs(w[0].mean().item()) < 4 * 0.25 / 64
-    assert w[0].std().item() == pytest.approx(0.25, abs=4 * 0.25 / math.sqrt(2 * 4096))
-    drawn[2].step = 3  # a resumed run keeps its trained W_g
-    init_gate(drawn[2], 0.25)
-    assert torch.equal(drawn[2].model.moe_layers()[0].router.w_gate, w[2])

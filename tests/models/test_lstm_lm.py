@@ -124,3 +124,15 @@ def test_balancing_errors():
         LMConfig(balancing="none")
     with pytest.raises(ValueError, match="is for the flat MoE"):
         LMConfig(middle="hmoe", num_experts=32, groups=4, balancing="switch")
+
+
+def test_gate_init_std_reaches_the_noisy_gates_and_is_refused_elsewhere():
+    for middle in ("moe", "hmoe"):
+        cfg = LMConfig(vocab_size=50, d_model=16, middle=middle, num_experts=32, groups=4,
+                       hidden=8, gate_init_std=0.3)
+        router = LSTMLanguageModel(cfg).moe_layers()[0].router
+        assert router.gate_init_std == 0.3
+        assert all(torch.count_nonzero(p) == p.numel()
+                   for n, p in router.named_parameters() if "gate" in n)
+    with pytest.raises(ValueError, match="gate_init_std is for the noisy top-k gate .*'switch'"):
+        LMConfig(gate_init_std=0.1, balancing="switch")

@@ -180,33 +180,17 @@ class BalanceTrainer(Trainer):
         return v
 
 
-def init_gate(trainer: Trainer, std: float) -> None:
-    """Draw the first MoE layer's W_g from N(0, std²), seeded by the run's seed, instead of
-    the paper's zeros; only before the first step of a fresh run, and not at all for
-    ``std == 0`` (the paper's initialisation)."""
-    if std > 0 and trainer.step == 0:
-        w_gate = trainer.model.moe_layers()[0].router.w_gate
-        draw = torch.Generator().manual_seed(trainer.cfg.seed)
-        with torch.no_grad():
-            w_gate.copy_(torch.randn(w_gate.shape, generator=draw) * std)
-
-
 def run_weighting(
     base: LMTrainConfig, w_importance: float, w_load: float, corpus: Corpus | None = None,
-    progress: bool = True, gate_init_std: float = 0.0,
+    progress: bool = True,
 ) -> dict:
     """Train ``base`` with the given loss weights (into ``base.out``) and return its Table-6
     row: the weights, test and validation perplexity, the balance of the evaluation routing
     over the whole validation text, the noisy routing's over its first ``eval_tokens``, and
     the training history.
-
-    ``gate_init_std > 0`` draws the first MoE layer's W_g from N(0, gate_init_std²) (seeded by
-    ``base.seed``) instead of the paper's zeros, before the first step of a fresh run.
     """
     cfg = replace(base, model={**base.model, "w_importance": w_importance, "w_load": w_load})
-    trainer = BalanceTrainer(cfg, corpus, progress=progress)
-    init_gate(trainer, gate_init_std)
-    metrics = trainer.run()
+    metrics = BalanceTrainer(cfg, corpus, progress=progress).run()
     final = metrics["history"]["balance"][-1]  # the whole validation text, from finish()
     row = {"w_importance": w_importance, "w_load": w_load,
            "test_perplexity": metrics["test_perplexity"],
@@ -217,9 +201,7 @@ def run_weighting(
     return row
 
 
-def table6(
-    base: LMTrainConfig, weightings=WEIGHTINGS, progress: bool = True, gate_init_std: float = 0.0
-) -> list[dict]:
+def table6(base: LMTrainConfig, weightings=WEIGHTINGS, progress: bool = True) -> list[dict]:
     """Table 6 in miniature: ``base`` (e.g. ``preset="MoE-256"``) trained once per
     ``(w_importance, w_load)`` on the same corpus, data order and seed, each into
     ``base.out/wi{w_importance}_wl{w_load}``. Returns the rows of :func:`run_weighting`; a
@@ -234,7 +216,7 @@ def table6(
             rows.append(json.loads(done.read_text()))  # finished by an earlier call
             continue
         corpus = corpus or load_corpus(base.corpus, base.vocab_size)
-        rows.append(run_weighting(cfg, wi, wl, corpus, progress, gate_init_std))
+        rows.append(run_weighting(cfg, wi, wl, corpus, progress))
     return rows
 
 

@@ -59,6 +59,9 @@ class LMConfig:
     w_importance: float = 0.1  # paper, language modelling
     w_load: float = 0.1
     balancing: str = "paper"  # flat MoE: one of BALANCINGS
+    # W_g ~ N(0, std²) in the noisy top-k gates ("moe", "hmoe"; "deep"'s single expert and
+    # "lstm" have no gate to speak of); 0: zeros, as the paper
+    gate_init_std: float = 0.0
 
     @property
     def experts_per_token(self) -> int:
@@ -73,6 +76,11 @@ class LMConfig:
         check_number("dropout", self.dropout, low=0, high=1, high_open=True)
         check_number("w_importance", self.w_importance, low=0)
         check_number("w_load", self.w_load, low=0)
+        check_number("gate_init_std", self.gate_init_std, low=0)
+        if self.gate_init_std and self.balancing != "paper":
+            raise ValueError(f"gate_init_std is for the noisy top-k gate (balancing 'paper'), got "
+                             f"gate_init_std={self.gate_init_std} with balancing "
+                             f"{self.balancing!r}")
         if self.middle == "hmoe" and self.num_experts % self.groups:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of groups "
                              f"({self.groups}) for a hierarchical MoE")
@@ -132,7 +140,8 @@ class LSTMLanguageModel(nn.Module):
         layers: list[nn.Module] = [nn.LSTM(d, d, batch_first=True)]
         if cfg.middle == "moe" and cfg.balancing == "paper":
             layers.append(MoE(d, cfg.num_experts, cfg.k, cfg.hidden, output_activation="sigmoid",
-                              w_importance=cfg.w_importance, w_load=cfg.w_load))
+                              w_importance=cfg.w_importance, w_load=cfg.w_load,
+                              gate_init_std=cfg.gate_init_std))
         elif cfg.middle == "moe":
             n = cfg.num_experts
             router = (TopKRouter(d, n, cfg.k) if cfg.balancing == "switch"
@@ -143,7 +152,7 @@ class LSTMLanguageModel(nn.Module):
             layers.append(HierarchicalMoE(
                 d, cfg.groups, cfg.num_experts // cfg.groups, cfg.k_primary, cfg.k_secondary,
                 cfg.hidden, output_activation="sigmoid", w_importance=cfg.w_importance,
-                w_load=cfg.w_load,
+                w_load=cfg.w_load, gate_init_std=cfg.gate_init_std,
             ))
         elif cfg.middle == "deep":
             deep = _deep_expert(d, cfg.hidden, cfg.deep_layers)

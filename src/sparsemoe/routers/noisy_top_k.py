@@ -24,6 +24,14 @@ class _ImportanceLoadLosses:
         self.w_importance = check_number("w_importance", w_importance, **finite)
         self.w_load = check_number("w_load", w_load, **finite)
 
+    @staticmethod
+    def _init_gate(w_gate: Tensor, std: float) -> None:
+        """``W_g`` ← 0 (the paper's reference code) for ``std == 0``, else N(0, std²)."""
+        if std == 0:
+            nn.init.zeros_(w_gate)
+        else:
+            nn.init.normal_(w_gate, std=std)
+
     def _routing(
         self, expert_indices: Tensor, combine_weights: Tensor, importance: Tensor, load: Tensor
     ) -> Routing:
@@ -42,7 +50,12 @@ class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
     """Noisy top-k gating, eqs. 3–5, with the balancing losses of eqs. 6–11.
 
     ``W_g`` and ``W_noise`` start at zero, as in the paper's reference code: no signal and some
-    noise, so that the load starts balanced. Noise is added only in training mode. The gate
+    noise, so that the load starts balanced. ``gate_init_std > 0`` draws ``W_g`` from
+    N(0, gate_init_std²) instead (the paper's choice stays the default): with zeros, the noise
+    (std ≈ 0.7 once W_noise has grown) outweighs the clean logits for hundreds of steps, so the
+    routing in evaluation mode (no noise) is not the routing the balancing losses trained;
+    ``1/sqrt(d)`` gave the LSTM LM lower perplexity and a better balanced evaluation routing
+    (docs/lm.md). Noise is added only in training mode. The gate
     (and its optional hidden layer) is :class:`~sparsemoe.routers.LinearRouter`'s, without a
     bias; the auxiliary loss is L_importance + L_load, not LinearRouter's.
 
@@ -58,6 +71,8 @@ class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
             Deep Mixture of Experts, Eigen et al. 2013;
             :class:`~sparsemoe.routers.GateHiddenLayer`), None for the paper's linear gate;
             ``hidden=`` is its deprecated name.
+        gate_init_std: standard deviation of ``W_g``'s normal initialisation; 0 (default):
+            zeros, as the paper.
 
     Shape:
         ``w_gate [d, n]``, ``w_noise [d, n]`` (``[h, n]`` each with a hidden layer); forward
@@ -75,10 +90,14 @@ class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
         w_importance: float = 0.1,
         w_load: float = 0.1,
         gate_hidden: int | None = None,
+        gate_init_std: float = 0.0,
         hidden: int | None = None,
     ) -> None:
         gate_hidden = renamed_argument("NoisyTopKRouter", "hidden", hidden, "gate_hidden",
                                        gate_hidden)
+        # read by reset_gate, which LinearRouter.__init__ calls
+        self.gate_init_std = check_number("gate_init_std", gate_init_std, low=0, high=math.inf,
+                                          high_open=True)
         super().__init__(d_model, num_experts, gate_hidden=gate_hidden)
         self._set_noise_and_loss_weights(noise_epsilon, w_importance, w_load)
         self.k = check_top_k("k", k, num_experts)
@@ -86,8 +105,8 @@ class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
         self.w_noise = nn.Parameter(torch.zeros_like(self.w_gate)) if noisy_gating else None
 
     def reset_gate(self) -> None:
-        """``W_g`` starts at zero (the reference code)."""
-        nn.init.zeros_(self.w_gate)
+        """``W_g`` starts at zero (the reference code), or N(0, gate_init_std²)."""
+        self._init_gate(self.w_gate, self.gate_init_std)
 
     def forward(self, x: Tensor) -> Routing:
         with full_precision(x, self.w_gate) as x:
@@ -100,7 +119,7 @@ class NoisyTopKRouter(_ImportanceLoadLosses, LinearRouter):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, k={self.k}, "
                 f"noisy_gating={self.w_noise is not None}, w_importance={self.w_importance}, "
-                f"w_load={self.w_load}")
+                f"w_load={self.w_load}, gate_init_std={self.gate_init_std}")
 
 
 class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
@@ -109,7 +128,8 @@ class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
     A primary gate picks ``k_primary`` of ``a`` groups; each chosen group's own gate picks
     ``k_secondary`` of its ``b`` experts. Every token reaches ``k_primary·k_secondary`` of the
     ``n = a·b`` experts, with weight G_primary(x)_i·G_i(x)_j. The losses use Importance_H and
-    Load_H over all ``a·b`` experts. All gate weights start at zero.
+    Load_H over all ``a·b`` experts. All gate weights start at zero (the noise weights
+    always; the gates from N(0, gate_init_std²) when ``gate_init_std > 0``).
 
     Args:
         d_model: input width ``d``.
@@ -117,7 +137,8 @@ class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
         experts_per_group: ``b``.
         k_primary: groups per token (paper: 2).
         k_secondary: experts per chosen group (paper: 2).
-        noisy_gating, noise_epsilon, w_importance, w_load: as in :class:`NoisyTopKRouter`.
+        noisy_gating, noise_epsilon, w_importance, w_load, gate_init_std: as in
+            :class:`NoisyTopKRouter` (``gate_init_std`` for both levels' gates).
 
     Shape:
         ``w_gate_primary [d, a]``, ``w_gate_secondary [a, d, b]`` (and the noise weights);
@@ -137,6 +158,7 @@ class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
         noise_epsilon: float = 1e-2,
         w_importance: float = 0.1,
         w_load: float = 0.1,
+        gate_init_std: float = 0.0,
     ) -> None:
         super().__init__()
         self.d_model = check_int("d_model", d_model)
@@ -148,8 +170,12 @@ class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
         self.experts_per_group = experts_per_group
         self.k_primary = check_top_k("k_primary", k_primary, groups)
         self.k_secondary = check_top_k("k_secondary", k_secondary, experts_per_group)
-        self.w_gate_primary = nn.Parameter(torch.zeros(d_model, groups))
-        self.w_gate_secondary = nn.Parameter(torch.zeros(groups, d_model, experts_per_group))
+        self.gate_init_std = check_number("gate_init_std", gate_init_std, low=0, high=math.inf,
+                                          high_open=True)
+        self.w_gate_primary = nn.Parameter(torch.empty(d_model, groups))
+        self.w_gate_secondary = nn.Parameter(torch.empty(groups, d_model, experts_per_group))
+        for w_gate in (self.w_gate_primary, self.w_gate_secondary):
+            self._init_gate(w_gate, gate_init_std)
         if noisy_gating:
             self.w_noise_primary = nn.Parameter(torch.zeros(d_model, groups))
             self.w_noise_secondary = nn.Parameter(
@@ -171,4 +197,5 @@ class HierarchicalNoisyTopKRouter(_ImportanceLoadLosses, Router):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, groups={self.groups}, "
                 f"experts_per_group={self.experts_per_group}, k_primary={self.k_primary}, "
-                f"k_secondary={self.k_secondary}, noisy_gating={self.w_noise_primary is not None}")
+                f"k_secondary={self.k_secondary}, noisy_gating={self.w_noise_primary is not None}, "
+                f"gate_init_std={self.gate_init_std}")
