@@ -24,12 +24,8 @@ resumed on another number of ranks or on one process, and back. Only rank 0 writ
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
 import os
-import signal
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,7 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_int, check_number, deprecated_alias
 from ..balancing import update_expert_biases
@@ -54,11 +49,10 @@ from ..parallel import (
 )
 from . import runs
 from .processes import ONE_PROCESS, OneProcess
+from .runs import CHECKPOINT, METRICS
 
-CHECKPOINT = "checkpoint.pt"
 OPTIMIZERS = ("adam", "factored-adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine")
-METRICS = "metrics.json"
 CHECKPOINT_KEYS = ("config", "model_config", "vocab", "model", "optimizer", "scheduler", "data",
                    "rng", "recurrent_state", "step", "train_seconds", "history")
 
@@ -274,8 +268,9 @@ def resume_key(cfg: LMTrainConfig | dict) -> dict:
     return d
 
 
-class Trainer:
-    """One training run: ``Trainer(cfg).run()`` → metrics (also in ``cfg.out/metrics.json``).
+class Trainer(runs.TrainingRun):
+    """One training run: ``Trainer(cfg).run()`` → metrics (also in ``cfg.out/metrics.json``);
+    the loop is :class:`~sparsemoe.experiments.runs.TrainingRun`'s.
 
     If ``cfg.out`` holds a checkpoint of the same configuration, the run resumes from it,
     whatever the number of processes that wrote it. ``processes`` spreads the run over
@@ -381,11 +376,6 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             runs.save_checkpoint(self.out / CHECKPOINT, ck)
 
-    def _done(self) -> bool:
-        c = self.cfg
-        return (c.steps is not None and self.step >= c.steps) or \
-            (c.time_budget is not None and self.train_seconds >= c.time_budget)
-
     def train_step(self) -> float:
         """One optimiser step; returns the cross-entropy of the whole batch (without the
         auxiliary loss)."""
@@ -431,68 +421,24 @@ class Trainer:
                 "multiply_adds_per_byte_sent": madds / sent if sent else None,
                 "compute_to_io": compute_to_io}
 
-    def run(self) -> dict:
-        """Train to the end (resuming where the checkpoint stopped), evaluate and write
-        ``metrics.json``; a run already finished returns its metrics without training.
+    @property
+    def eval_limit(self) -> int | None:
+        return self.cfg.eval_tokens
 
-        Raises:
-            RunError: another process writes ``cfg.out``; the loss became non-finite (nothing
-                is saved); :class:`~sparsemoe.experiments.runs.Interrupted` on SIGINT/SIGTERM,
-                after saving at the step boundary.
-        """
-        with runs.RunLock(self.out) if self.root else contextlib.nullcontext(), \
-                runs.StopSignals() as stop:
-            finished = self.out / METRICS
-            if self._done() and finished.exists():
-                metrics = json.loads(finished.read_text())
-                if metrics.get("steps") == self.step:
-                    return metrics
-            return self._train(stop)
+    @property
+    def tokens_trained(self) -> int:
+        return self.step * self.cfg.batch_size * self.cfg.bptt
 
-    def _train(self, stop: runs.StopSignals) -> dict:
-        c = self.cfg
-        self.model.train()
-        tokens_per_step = c.batch_size * c.bptt
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress,
-                   desc=f"{c.preset or 'lm'}", unit="step", dynamic_ncols=True)
-        moe = self.model.moe_layers()
-        while not self._done():
-            t0 = time.perf_counter()
-            ce = self.train_step()
-            runs.check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
-            self.train_seconds += time.perf_counter() - t0
-            self.step += 1
-            self.history["step"].append(self.step)
-            self.history["train_loss"].append(ce)
-            post = {"loss": f"{ce:.3f}", "ppl": f"{runs.perplexity(ce):.0f}",
-                    "tok/s": f"{self.step * tokens_per_step / self.train_seconds:,.0f}"}
-            if moe:
-                post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
-            exchanged = exchange_stats(self.model)
-            if exchanged:  # this rank's last step: bytes sent, expert multiply-adds
-                post["sent"] = _si(sum(e.step_bytes_sent for e in exchanged), "B")
-                post["expert madds"] = _si(sum(e.step_expert_multiply_adds or 0
-                                               for e in exchanged), "")
-            bar.set_postfix(post, refresh=False)
-            bar.update()
-            if self.step % c.eval_every == 0:
-                v = self.validate(c.eval_tokens)
-                self.history["valid_step"].append(self.step)
-                self.history["valid_perplexity"].append(v["perplexity"])
-                self.history["valid_seconds"].append(self.train_seconds)
-                if self.progress:
-                    bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.1f} "
-                              f"(first {v['tokens']:,} tokens)")
-                self.save()
-            signalled = self.processes.sum(torch.tensor(float(stop.signum is not None)))
-            if float(signalled) > 0:  # any process's signal stops all of them, after a save
-                bar.close()
-                self.save()
-                raise runs.interrupted(stop.signum or signal.SIGTERM, self.step,
-                                       self.out / CHECKPOINT)
-        bar.close()
-        self.save()
-        return self.finish()
+    def progress_extras(self) -> dict[str, str]:
+        exchanged = exchange_stats(self.model)
+        if not exchanged:
+            return {}
+        return {"sent": _si(sum(e.step_bytes_sent for e in exchanged), "B"),  # this rank's
+                "expert madds": _si(sum(e.step_expert_multiply_adds or 0  # last step
+                                        for e in exchanged), "")}
+
+    def stop_requested(self, stop: runs.StopSignals) -> bool:
+        return float(self.processes.sum(torch.tensor(float(stop.signum is not None)))) > 0
 
     def finish(self) -> dict:
         """Full validation and test evaluation; writes and returns ``metrics.json``."""
@@ -506,7 +452,7 @@ class Trainer:
         metrics = {
             "preset": c.preset, "arch": c.arch, "corpus": self.corpus.name,
             "valid_perplexity": valid["perplexity"], "test_perplexity": test["perplexity"],
-            "steps": self.step, "tokens_trained": self.step * c.batch_size * c.bptt,
+            "steps": self.step, "tokens_trained": self.tokens_trained,
             "train_seconds": self.train_seconds,
             "tokens_per_second": self.step * c.batch_size * c.bptt / max(self.train_seconds,
                                                                           1e-9),

@@ -24,7 +24,6 @@ position, tokenizer as its JSON: resuming continues exactly, loss for loss), its
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import random
 import statistics
@@ -54,9 +53,8 @@ from ..module import aux_loss
 from ..routers import StrictlyBalancedRouter
 from . import runs
 from .lm import _help, load_statistics, lr_factor
+from .runs import CHECKPOINT, METRICS
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.json"
 CHARACTER_BLEU = ("ja", "ko", "zh")
 CHECKPOINT_KEYS = ("config", "model_config", "tokenizer", "model", "optimizer", "scheduler",
                    "data", "rng", "step", "train_seconds", "target_tokens", "history")
@@ -363,8 +361,9 @@ def test_bleu(model: Seq2Seq, data: TranslationData, cfg: MTTrainConfig,
     return results
 
 
-class Trainer:
-    """One training run: ``Trainer(cfg).run()`` → metrics (also in ``cfg.out/metrics.json``).
+class Trainer(runs.TrainingRun):
+    """One training run: ``Trainer(cfg).run()`` → metrics (also in ``cfg.out/metrics.json``);
+    the loop is :class:`~sparsemoe.experiments.runs.TrainingRun`'s.
 
     If ``cfg.out`` holds a checkpoint of the same configuration, the run resumes from it.
     ``data`` (prepared once by :func:`compare`) skips loading the corpus and training the
@@ -373,7 +372,7 @@ class Trainer:
 
     def __init__(self, cfg: MTTrainConfig, data: TranslationData | None = None,
                  progress: bool = True) -> None:
-        self.cfg, self.out, self.progress = cfg, Path(cfg.out), progress
+        self.cfg, self.out, self.progress, self.root = cfg, Path(cfg.out), progress, True
         ckpt_path = self.out / CHECKPOINT
         ckpt = runs.load_checkpoint(ckpt_path, CHECKPOINT_KEYS) if ckpt_path.exists() else None
         if ckpt is not None:
@@ -396,7 +395,7 @@ class Trainer:
         self.batcher = PairBatcher(self.data.train, cfg.batch_size, cfg.seed)
         self.step, self.train_seconds, self.target_tokens = 0, 0.0, 0
         self.history: dict[str, list] = {"step": [], "train_loss": [], "valid_step": [],
-                                         "valid_perplexity": []}
+                                         "valid_perplexity": [], "valid_seconds": []}
         if ckpt is not None:
             self.model.load_state_dict(ckpt["model"])
             self.opt.load_state_dict(ckpt["optimizer"])
@@ -404,7 +403,8 @@ class Trainer:
             self.batcher.load_state_dict(ckpt["data"])
             torch.set_rng_state(ckpt["rng"])
             self.step, self.train_seconds, self.target_tokens, self.history = (
-                ckpt["step"], ckpt["train_seconds"], ckpt["target_tokens"], ckpt["history"])
+                ckpt["step"], ckpt["train_seconds"], ckpt["target_tokens"],
+                {"valid_seconds": [], **ckpt["history"]})  # older runs did not record it
 
     def save(self) -> None:
         """Write the checkpoint (tensors and plain types only) and its checksum.
@@ -426,14 +426,9 @@ class Trainer:
             "history": self.history,
         })
 
-    def _done(self) -> bool:
-        c = self.cfg
-        return (c.steps is not None and self.step >= c.steps) or \
-            (c.time_budget is not None and self.train_seconds >= c.time_budget)
-
-    def train_step(self) -> tuple[float, int]:
+    def train_step(self) -> float:
         """One optimiser step: the batch's cross-entropy per target token (without the
-        auxiliary loss) and its number of target tokens."""
+        auxiliary loss); counts its target tokens."""
         tok = self.data.tokenizer
         source, target_in, target_out = collate(self.data.train, self.batcher.next(), tok)
         logits = self.model(source, target_in)
@@ -445,65 +440,25 @@ class Trainer:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
         self.sched.step()
-        return ce.item(), int((target_out != tok.pad_id).sum())
+        self.target_tokens += int((target_out != tok.pad_id).sum())
+        return ce.item()
 
     def validate(self, max_pairs: int | None) -> dict:
         return perplexity(self.model, self.data.valid, self.data.tokenizer, self.cfg.batch_size,
                           max_pairs)
 
-    def run(self) -> dict:
-        """Train to the end (resuming where the checkpoint stopped), evaluate and write
-        ``metrics.json``; a run already finished returns its metrics without training.
+    @property
+    def label(self) -> str:
+        return f"{self.cfg.preset or 'mt'} seed {self.cfg.seed}"
 
-        Raises:
-            RunError: another process writes ``cfg.out``; the loss became non-finite (nothing
-                is saved); :class:`~sparsemoe.experiments.runs.Interrupted` on SIGINT/SIGTERM,
-                after saving at the step boundary.
-        """
-        with runs.RunLock(self.out), runs.StopSignals() as stop:
-            finished = self.out / METRICS
-            if self._done() and finished.exists():
-                metrics = json.loads(finished.read_text())
-                if metrics.get("steps") == self.step:
-                    return metrics
-            return self._train(stop)
+    @property
+    def eval_limit(self) -> int | None:
+        return self.cfg.eval_sentences
 
-    def _train(self, stop: runs.StopSignals) -> dict:
-        c = self.cfg
-        self.model.train()
-        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress,
-                   desc=f"{c.preset or 'mt'} seed {c.seed}", unit="step", dynamic_ncols=True)
-        moe = self.model.moe_layers()
-        while not self._done():
-            t0 = time.perf_counter()
-            ce, tokens = self.train_step()
-            runs.check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
-            self.train_seconds += time.perf_counter() - t0
-            self.step += 1
-            self.target_tokens += tokens
-            self.history["step"].append(self.step)
-            self.history["train_loss"].append(ce)
-            post = {"loss": f"{ce:.3f}", "ppl": f"{runs.perplexity(ce):.1f}",
-                    "tok/s": f"{self.target_tokens / self.train_seconds:,.0f}"}
-            if moe:
-                post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
-            bar.set_postfix(post, refresh=False)
-            bar.update()
-            if self.step % c.eval_every == 0:
-                v = self.validate(c.eval_sentences)
-                self.history["valid_step"].append(self.step)
-                self.history["valid_perplexity"].append(v["perplexity"])
-                if self.progress:
-                    bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.2f}")
-                self.save()
-            if stop.signum is not None:
-                bar.close()
-                self.save()
-                raise runs.interrupted(stop.signum, self.step,
-                                       self.out / CHECKPOINT)
-        bar.close()
-        self.save()
-        return self.finish()
+    @property
+    def tokens_trained(self) -> int:
+        """Target tokens trained on so far."""
+        return self.target_tokens
 
     def finish(self) -> dict:
         """Full validation and test perplexity, test BLEU/chrF; writes ``metrics.json``."""

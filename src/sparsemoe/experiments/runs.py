@@ -16,10 +16,14 @@
   boundary and raises :class:`Interrupted`, whose message says how to resume.
 - :func:`check_finite_loss` and :func:`perplexity`: a non-finite loss stops training at once
   (naming the step) and a perplexity that overflows is ``inf``.
+- :class:`TrainingRun`: the loop the experiments' trainers share (resume or report, progress
+  bar, validation and checkpoint every ``eval_every`` steps, a save before stopping on a
+  signal), around each trainer's own step, validation, checkpoint and final evaluation.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import errno
 import fcntl
@@ -31,11 +35,13 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
 import torch
+from tqdm.auto import tqdm
 
 LOCK = ".lock"
 CHECKSUM_SUFFIX = ".sha256"
@@ -297,3 +303,118 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{k}: saved {show(saved, k)}, now {show(current, k)}"
             for k in sorted(set(saved) | set(current), key=str)
             if k not in saved or k not in current or saved[k] != current[k]]
+
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+
+
+class TrainingRun(abc.ABC):
+    """The training loop the experiments' trainers share.
+
+    A subclass sets ``cfg`` (with ``steps``, ``time_budget``, ``eval_every``, ``preset``),
+    ``out`` (the run directory), ``root`` (this process writes files), ``progress``,
+    ``model`` (with ``moe_layers()``), ``step``, ``train_seconds`` and ``history`` (lists
+    ``step``, ``train_loss``, ``valid_step``, ``valid_perplexity``, ``valid_seconds``), and
+    implements :meth:`train_step`, :meth:`validate`, :meth:`save` (which refuses a non-finite
+    parameter) and :meth:`finish` (the final evaluation, writing ``out/metrics.json``).
+    """
+
+    eval_limit: int | None = None  # what validate() evaluates on the way (None: everything)
+
+    @property
+    def label(self) -> str:
+        """The progress bar's label."""
+        return self.cfg.preset or type(self).__name__
+
+    @property
+    @abc.abstractmethod
+    def tokens_trained(self) -> int:
+        """Tokens trained on so far (the progress bar's tokens/s)."""
+
+    @abc.abstractmethod
+    def train_step(self) -> float:
+        """One optimiser step; the batch's cross-entropy (without auxiliary losses)."""
+
+    @abc.abstractmethod
+    def validate(self, limit: int | None) -> dict:
+        """``{"perplexity": ..., "tokens": ...}`` over the first ``limit`` validation items
+        (None: all)."""
+
+    @abc.abstractmethod
+    def save(self) -> None:
+        """Write the checkpoint; refuse (RunError) a non-finite parameter."""
+
+    @abc.abstractmethod
+    def finish(self) -> dict:
+        """The final evaluation; writes and returns ``metrics.json``."""
+
+    def progress_extras(self) -> dict[str, str]:
+        """More fields for the progress bar (after the step's loss, perplexity and load)."""
+        return {}
+
+    def stop_requested(self, stop: StopSignals) -> bool:
+        """Whether to stop after this step (over several processes: whether any got a
+        signal, so that all stop at the same step)."""
+        return stop.signum is not None
+
+    def done(self) -> bool:
+        c = self.cfg
+        return (c.steps is not None and self.step >= c.steps) or \
+            (c.time_budget is not None and self.train_seconds >= c.time_budget)
+
+    def run(self) -> dict:
+        """Train to the end (resuming where the checkpoint stopped), evaluate and write
+        ``metrics.json``; a run already finished returns its metrics without training.
+
+        Raises:
+            RunError: another process writes ``out``; the loss became non-finite (nothing
+                is saved); :class:`Interrupted` on SIGINT/SIGTERM, after saving at the step
+                boundary.
+        """
+        with RunLock(self.out) if self.root else contextlib.nullcontext(), \
+                StopSignals() as stop:
+            finished = self.out / METRICS
+            if self.done() and finished.exists():
+                metrics = json.loads(finished.read_text())
+                if metrics.get("steps") == self.step:
+                    return metrics
+            return self._train(stop)
+
+    def _train(self, stop: StopSignals) -> dict:
+        c = self.cfg
+        self.model.train()
+        bar = tqdm(total=c.steps, initial=self.step, disable=not self.progress,
+                   desc=self.label, unit="step", dynamic_ncols=True)
+        moe = self.model.moe_layers()
+        while not self.done():
+            t0 = time.perf_counter()
+            ce = self.train_step()
+            check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
+            self.train_seconds += time.perf_counter() - t0
+            self.step += 1
+            self.history["step"].append(self.step)
+            self.history["train_loss"].append(ce)
+            post = {"loss": f"{ce:.3f}", "ppl": f"{perplexity(ce):.1f}",
+                    "tok/s": f"{self.tokens_trained / self.train_seconds:,.0f}"}
+            if moe:
+                post["max/mean load"] = f"{moe[0].stats.max_over_mean_load:.2f}"
+            bar.set_postfix({**post, **self.progress_extras()}, refresh=False)
+            bar.update()
+            if self.step % c.eval_every == 0:
+                v = self.validate(self.eval_limit)
+                self.history["valid_step"].append(self.step)
+                self.history["valid_perplexity"].append(v["perplexity"])
+                self.history["valid_seconds"].append(self.train_seconds)
+                if self.progress:
+                    bar.write(f"step {self.step}: valid perplexity {v['perplexity']:.2f} "
+                              f"({v['tokens']:,} tokens)")
+                self.save()
+            if self.stop_requested(stop):
+                bar.close()
+                self.save()
+                raise interrupted(stop.signum or signal.SIGTERM, self.step,
+                                  self.out / CHECKPOINT)
+        bar.close()
+        self.save()
+        return self.finish()
