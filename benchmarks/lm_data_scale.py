@@ -20,7 +20,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from lm_seeds import parse_run, run_name
+from lm_seeds import run_name, training_arguments
 
 from sparsemoe.data import load_corpus
 from sparsemoe.experiments.lm import METRICS, LMTrainConfig, Trainer
@@ -73,17 +73,7 @@ def plot(results: dict[str, dict], tokens_per_step: int, corpus: str, path: Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", nargs="+", type=parse_run,
-                   default=[parse_run(r) for r in ("MoE-1-Wide", "MoE-32:0.088")],
-                   help="PRESET or PRESET:GATE_INIT_STD; the first is the baseline")
-    p.add_argument("--corpus", nargs="+", default=["sotu"])
-    p.add_argument("--steps", type=int, default=1600)
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--bptt", type=int, default=35)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=120)
-    p.add_argument("--dropout", type=float, default=0.0)
+    training_arguments(p, "sotu", steps=1600, warmup=120, eval_every=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/scale")
     a = p.parse_args()

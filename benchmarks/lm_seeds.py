@@ -77,20 +77,26 @@ def format_tables(results: dict[str, dict[int, dict]], baseline: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def training_arguments(p: argparse.ArgumentParser, corpus: str, steps: int, warmup: int,
+                       eval_every: int) -> None:
+    """The runs and training flags this script shares with ``lm_data_scale.py``."""
     p.add_argument("--runs", nargs="+", type=parse_run,
                    default=[parse_run("MoE-1-Wide"), parse_run("MoE-32")],
-                   help="PRESET or PRESET:GATE_INIT_STD; the first is the paired baseline")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--corpus", nargs="+", default=["shakespeare"])
-    p.add_argument("--steps", type=int, default=300)
+                   help="PRESET or PRESET:GATE_INIT_STD; the first is the baseline")
+    p.add_argument("--corpus", nargs="+", default=[corpus])
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bptt", type=int, default=35)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=eval_every)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    training_arguments(p, "shakespeare", steps=300, warmup=60, eval_every=100)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--eval-tokens", type=int, default=5000)
     p.add_argument("--out", default="runs/seeds")
     a = p.parse_args()

@@ -1,15 +1,25 @@
-"""benchmarks/lm_seeds.py's tables against hand-computed means, sample standard deviations and
-paired differences."""
+"""benchmarks/lm_seeds.py's and lm_data_scale.py's tables against hand-computed means, sample
+standard deviations, paired differences and relative changes."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
 
-spec = importlib.util.spec_from_file_location(
-    "lm_seeds", Path(__file__).parents[2] / "benchmarks" / "lm_seeds.py")
-lm_seeds = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(lm_seeds)
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # lm_data_scale imports lm_seeds by name, as a script would
+    spec.loader.exec_module(module)
+    return module
+
+
+lm_seeds = _script("lm_seeds")
+lm_data_scale = _script("lm_data_scale")
 
 
 def test_parse_run_and_name():
@@ -40,3 +50,15 @@ def test_tables_by_hand():
 @pytest.mark.parametrize("values, text", [([], "–"), ([3.25], "3.2 (one seed)")])
 def test_mean_std_with_fewer_than_two_seeds(values, text):
     assert lm_seeds.mean_std(values) == text
+
+
+def test_data_scale_table_by_hand():
+    results = {"dense": {"valid_step": [100, 200], "valid_perplexity": [200.0, 150.0],
+                         "test_perplexity": 160.0},
+               "moe": {"valid_step": [100, 200], "valid_perplexity": [210.0, 135.0],
+                       "test_perplexity": 144.0}}
+    lines = lm_data_scale.format_scale(results, tokens_per_step=1120).splitlines()
+    assert lines[0] == "| run | 0.11M | 0.22M | test PPL (end) |"
+    assert "| moe | 210.0 | 135.0 | 144.0 |" in lines
+    # 210/200 − 1 = +5%, 135/150 − 1 = −10%, 144/160 − 1 = −10%
+    assert "| moe | +5.0% | -10.0% | -10.0% |" in lines
