@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import replace
 from pathlib import Path
 
-from lm_seeds import run_name, training_arguments
+from lm_seeds import base_config, run_config, run_name, training_arguments
 
 from sparsemoe.data import load_corpus
-from sparsemoe.experiments.lm import METRICS, LMTrainConfig, Trainer
+from sparsemoe.experiments.lm import METRICS, Trainer
 
 
 def format_scale(results: dict[str, dict], tokens_per_step: int) -> str:
@@ -77,17 +76,14 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/scale")
     a = p.parse_args()
-    base = LMTrainConfig(corpus=tuple(a.corpus), model={"dropout": a.dropout},
-                         batch_size=a.batch_size, bptt=a.bptt, lr=a.lr, warmup=a.warmup,
-                         steps=a.steps, eval_every=a.eval_every, eval_tokens=None, seed=a.seed)
+    base = base_config(a, eval_tokens=None, seed=a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     corpus = None
     for preset, std in a.runs:
         name = run_name(preset, std)
-        cfg = replace(base, preset=preset, out=str(out / name),
-                      model={**base.model, "gate_init_std": std})
+        cfg = run_config(base, preset, std, out / name)
         done = Path(cfg.out) / METRICS
         if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
             metrics = json.loads(done.read_text())

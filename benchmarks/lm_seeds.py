@@ -84,6 +84,8 @@ def training_arguments(p: argparse.ArgumentParser, corpus: str, steps: int, warm
                    default=[parse_run("MoE-1-Wide"), parse_run("MoE-32")],
                    help="PRESET or PRESET:GATE_INIT_STD; the first is the baseline")
     p.add_argument("--corpus", nargs="+", default=[corpus])
+    p.add_argument("--arch", default="lstm", help="'lstm' (the paper's LM) or 'transformer'")
+    p.add_argument("--vocab-size", type=int, default=10_000)
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--bptt", type=int, default=35)
@@ -93,6 +95,20 @@ def training_arguments(p: argparse.ArgumentParser, corpus: str, steps: int, warm
     p.add_argument("--eval-every", type=int, default=eval_every)
 
 
+def base_config(a: argparse.Namespace, **fields) -> LMTrainConfig:
+    """The configuration :func:`training_arguments`' flags describe (no preset yet)."""
+    return LMTrainConfig(corpus=tuple(a.corpus), arch=a.arch, vocab_size=a.vocab_size,
+                         model={"dropout": a.dropout}, batch_size=a.batch_size, bptt=a.bptt,
+                         lr=a.lr, warmup=a.warmup, steps=a.steps, eval_every=a.eval_every,
+                         **fields)
+
+
+def run_config(base: LMTrainConfig, preset: str, std: float, out: Path, **fields) -> LMTrainConfig:
+    """``base`` for one ``PRESET[:GATE_INIT_STD]`` run into ``out``."""
+    model = {**base.model, "gate_init_std": std} if std else base.model
+    return replace(base, preset=preset, out=str(out), model=model, **fields)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     training_arguments(p, "shakespeare", steps=300, warmup=60, eval_every=100)
@@ -100,9 +116,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=5000)
     p.add_argument("--out", default="runs/seeds")
     a = p.parse_args()
-    base = LMTrainConfig(corpus=tuple(a.corpus), model={"dropout": a.dropout},
-                       batch_size=a.batch_size, bptt=a.bptt, lr=a.lr, warmup=a.warmup,
-                       steps=a.steps, eval_every=a.eval_every, eval_tokens=a.eval_tokens)
+    base = base_config(a, eval_tokens=a.eval_tokens)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     names = [run_name(preset, std) for preset, std in a.runs]
@@ -110,8 +124,7 @@ def main() -> None:
     corpus = None
     for seed in a.seeds:
         for (preset, std), name in zip(a.runs, names, strict=True):
-            cfg = replace(base, preset=preset, seed=seed, out=str(out / name / f"seed{seed}"),
-                          model={**base.model, "gate_init_std": std})
+            cfg = run_config(base, preset, std, out / name / f"seed{seed}", seed=seed)
             done = Path(cfg.out) / METRICS
             if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
                 metrics = json.loads(done.read_text())

@@ -138,6 +138,9 @@ PRESETS: dict[str, dict] = {
     # Mixtral: top-2 of 8, renormalised, SwiGLU, every layer
     "mixtral-8": {"router": "top-k", "num_experts": 8, "k": 2, "activation": "swiglu",
                   "ffn_hidden": 192},
+    # Mixtral's routing and experts with 4× the experts (and parameters) at the same compute
+    "mixtral-32": {"router": "top-k", "num_experts": 32, "k": 2, "activation": "swiglu",
+                   "ffn_hidden": 192},
     # DBRX: top-4 of 16 fine-grained experts
     "dbrx-16": {"router": "top-k", "num_experts": 16, "k": 4, "activation": "swiglu",
                 "ffn_hidden": 192},
@@ -147,6 +150,8 @@ PRESETS: dict[str, dict] = {
 }
 PRESET_SETS = {
     "quick": ("dense", "switch-8", "gshard-8", "dense-swiglu", "mixtral-8", "dbrx-16"),
+    # the main job: 1, 8 and 32 SwiGLU experts at the same multiply-adds per token
+    "experts": ("dense-swiglu", "mixtral-8", "mixtral-32"),
     "all": tuple(PRESETS),
 }
 
