@@ -97,7 +97,7 @@ def training_arguments(p: argparse.ArgumentParser, corpus: str, steps: int, warm
 
 def base_config(a: argparse.Namespace, **fields) -> LMTrainConfig:
     """The configuration :func:`training_arguments`' flags describe (no preset yet)."""
-    return LMTrainConfig(corpus=tuple(a.corpus), arch=a.arch, vocab_size=a.vocab_size,
+    return LMTrainConfig(corpus=tuple(a.corpus), arch=a.arch, preset=None, vocab_size=a.vocab_size,
                          model={"dropout": a.dropout}, batch_size=a.batch_size, bptt=a.bptt,
                          lr=a.lr, warmup=a.warmup, steps=a.steps, eval_every=a.eval_every,
                          **fields)
