@@ -127,21 +127,40 @@ def _counts(tokens_per_expert: Tensor) -> Tensor:
     return tokens_per_expert.to(device="cpu", dtype=torch.int64).contiguous()
 
 
+def _transposed_view(w: Tensor) -> bool:
+    """``w [n, p, q]`` is ``W.transpose(1, 2)`` of a contiguous ``W [n, q, p]`` (how
+    ``transformers`` stores its experts' ``[n, out, in]`` weights for an ``x·w`` product)."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+
+
+def _rows_times(a: Tensor, w: Tensor, tokens_per_expert: Tensor, transpose: bool) -> Tensor:
+    """``a[r] · w[e(r)]`` (``a[r] · w[e(r)]ᵀ`` if ``transpose``) by the kernel.
+
+    ``x·W`` and ``x·Wᵀ`` are the kernel's forward and input-gradient products, so a transposed
+    view of a contiguous weight is read in place by the other product, never copied.
+    """
+    if _transposed_view(w):
+        w, transpose = w.transpose(1, 2), not transpose
+    a, w = a.contiguous(), w.contiguous()
+    out = a.new_empty(a.shape[0], w.shape[1] if transpose else w.shape[2])
+    return _call("smoe_input_grad" if transpose else "smoe_forward", a, w, out,
+                 _counts(tokens_per_expert), w.shape[1], w.shape[2])
+
+
 @torch.compiler.disable
 def forward(x: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """``y[r] = x[r] · w[e(r)]``. Shape: ``x [N, p]``, ``w [n, p, q]`` → ``[N, q]``."""
-    x, w = x.contiguous(), w.contiguous()
-    out = x.new_empty(x.shape[0], w.shape[2])
-    return _call("smoe_forward", x, w, out, _counts(tokens_per_expert), w.shape[1], w.shape[2])
+    """``y[r] = x[r] · w[e(r)]``. Shape: ``x [N, p]``, ``w [n, p, q]`` → ``[N, q]``.
+
+    ``w`` contiguous or a transposed view of a contiguous tensor is read in place."""
+    return _rows_times(x, w, tokens_per_expert, transpose=False)
 
 
 @torch.compiler.disable
 def input_grad(dy: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """``dx[r] = dy[r] · w[e(r)]ᵀ``. Shape: ``dy [N, q]``, ``w [n, p, q]`` → ``[N, p]``."""
-    dy, w = dy.contiguous(), w.contiguous()
-    out = dy.new_empty(dy.shape[0], w.shape[1])
-    return _call("smoe_input_grad", dy, w, out, _counts(tokens_per_expert), w.shape[1],
-                 w.shape[2])
+    """``dx[r] = dy[r] · w[e(r)]ᵀ``. Shape: ``dy [N, q]``, ``w [n, p, q]`` → ``[N, p]``.
+
+    ``w`` contiguous or a transposed view of a contiguous tensor is read in place."""
+    return _rows_times(dy, w, tokens_per_expert, transpose=True)
 
 
 @torch.compiler.disable
@@ -186,6 +205,7 @@ class FewRowsMatmul(torch.autograd.Function):
             return dx, dw, None
         if need_x:
             dx = input_grad(dy, w, tokens_per_expert)
-        if need_w:
-            dw = weight_grad(x, dy, tokens_per_expert)
+        if need_w:  # for a transposed view: (dyᵀ·x)ᵀ, the gradient laid out as w's storage
+            dw = weight_grad(dy, x, tokens_per_expert).transpose(1, 2) if _transposed_view(w) \
+                else weight_grad(x, dy, tokens_per_expert)
         return dx, dw, None
