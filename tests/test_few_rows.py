@@ -139,6 +139,12 @@ def test_auto_uses_the_kernel_for_few_rows_only(monkeypatch):
     grouped_matmul(torch.randn(16, 16, dtype=torch.float64), w.double(),
                    torch.full((8,), 2), "auto")
     assert len(calls) == 1  # float64 keeps the loop's BLAS products
+    view = torch.randn(8, 32, 16).transpose(1, 2)  # transformers' layout: a lower limit
+    few = few_rows.MAX_ROWS_PER_EXPERT_TRANSPOSED * 8
+    grouped_matmul(torch.randn(few, 16), view, torch.full((8,), few // 8), "auto")
+    assert len(calls) == 2
+    grouped_matmul(torch.randn(few + 8, 16), view, torch.full((8,), few // 8 + 1), "auto")
+    assert len(calls) == 2
 
 
 def test_expert_bank_runs_on_the_kernel(monkeypatch):

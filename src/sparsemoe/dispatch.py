@@ -248,7 +248,7 @@ def grouped_matmul(
     if impl == "auto":
         impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
         if (few_rows.supported(x, w) and x.dtype != torch.float64
-                and few_rows.preferred(x.shape[0], w.shape[0])
+                and few_rows.preferred(x.shape[0], w.shape[0], few_rows.transposed_view(w))
                 and not torch.compiler.is_compiling() and few_rows.library() is not None):
             impl = "few_rows"
     check_choice("impl", impl, GROUPED_MM_IMPLS)

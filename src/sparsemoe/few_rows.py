@@ -47,6 +47,11 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 MAX_ROWS_PER_EXPERT = 32
 """``impl="auto"`` uses the kernel where the experts get at most this many rows on average."""
 
+MAX_ROWS_PER_EXPERT_TRANSPOSED = 8
+""":data:`MAX_ROWS_PER_EXPERT` for a weight that is a transposed view (:func:`transposed_view`,
+transformers' experts): its forward is the kernel's dot-product form, which torch's grouped GEMM
+overtakes sooner (``benchmarks/few_rows_gemm.py --layout transposed``)."""
+
 _state: dict[str, ctypes.CDLL | None] = {}
 
 
@@ -105,9 +110,12 @@ def supported(x: Tensor, w: Tensor) -> bool:
         and w.dtype == x.dtype
 
 
-def preferred(rows: int, num_experts: int) -> bool:
-    """``impl="auto"``'s rule: the kernel where the experts average few rows (see module doc)."""
-    return rows <= MAX_ROWS_PER_EXPERT * num_experts
+def preferred(rows: int, num_experts: int, transposed: bool = False) -> bool:
+    """``impl="auto"``'s rule: the kernel where the experts average few rows (see module doc):
+    at most :data:`MAX_ROWS_PER_EXPERT`, or :data:`MAX_ROWS_PER_EXPERT_TRANSPOSED` through a
+    transposed view."""
+    limit = MAX_ROWS_PER_EXPERT_TRANSPOSED if transposed else MAX_ROWS_PER_EXPERT
+    return rows <= limit * num_experts
 
 
 def _call(name: str, a: Tensor, b: Tensor, out: Tensor, counts: Tensor, p: int, q: int) -> Tensor:
@@ -127,7 +135,7 @@ def _counts(tokens_per_expert: Tensor) -> Tensor:
     return tokens_per_expert.to(device="cpu", dtype=torch.int64).contiguous()
 
 
-def _transposed_view(w: Tensor) -> bool:
+def transposed_view(w: Tensor) -> bool:
     """``w [n, p, q]`` is ``W.transpose(1, 2)`` of a contiguous ``W [n, q, p]`` (how
     ``transformers`` stores its experts' ``[n, out, in]`` weights for an ``x·w`` product)."""
     return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
@@ -139,7 +147,7 @@ def _rows_times(a: Tensor, w: Tensor, tokens_per_expert: Tensor, transpose: bool
     ``x·W`` and ``x·Wᵀ`` are the kernel's forward and input-gradient products, so a transposed
     view of a contiguous weight is read in place by the other product, never copied.
     """
-    if _transposed_view(w):
+    if transposed_view(w):
         w, transpose = w.transpose(1, 2), not transpose
     a, w = a.contiguous(), w.contiguous()
     out = a.new_empty(a.shape[0], w.shape[1] if transpose else w.shape[2])
@@ -206,6 +214,6 @@ class FewRowsMatmul(torch.autograd.Function):
         if need_x:
             dx = input_grad(dy, w, tokens_per_expert)
         if need_w:  # for a transposed view: (dyᵀ·x)ᵀ, the gradient laid out as w's storage
-            dw = weight_grad(dy, x, tokens_per_expert).transpose(1, 2) if _transposed_view(w) \
+            dw = weight_grad(dy, x, tokens_per_expert).transpose(1, 2) if transposed_view(w) \
                 else weight_grad(x, dy, tokens_per_expert)
         return dx, dw, None
