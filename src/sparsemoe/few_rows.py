@@ -11,8 +11,11 @@ experts spread over the threads:
 - weight gradient ``dW_e = X_eᵀ · dY_e`` (zero for an expert without rows),
 
 float32 and bfloat16 (accumulated in float32) and float64 (for gradient checks), on
-``torch.get_num_threads()`` threads. The library links ``libgomp.so.1``, which in a process that
-has imported torch is torch's own OpenMP runtime: one thread pool for both.
+``torch.get_num_threads()`` threads. A weight given as the transposed view of a contiguous
+tensor (transformers' ``[n, out, in]`` experts) is read in place: ``X·W`` is then the
+input-gradient product of its storage and ``dY·Wᵀ`` the forward one. The library links
+``libgomp.so.1``, which in a process that has imported torch is torch's own OpenMP runtime:
+one thread pool for both.
 
 The source ships in the package and is compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``) into ``cache_dir()/kernels``, keyed by the source, the flags and the
