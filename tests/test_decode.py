@@ -19,7 +19,7 @@ def test_the_rule_one_row_per_expert_through_a_wide_contiguous_weight(
     for rows, weight, want in [
         (n, w, "loop"),                                     # T·k = n
         (n + 1, w, "few_rows"),                             # more rows than experts
-        (n, w[:, :, :q - 1], "few_rows"),                   # narrower than DECODE_MIN_COLUMNS
+        (n, torch.randn(n, p, q - 1), "few_rows"),          # narrower than DECODE_MIN_COLUMNS
         (n, torch.randn(n, q, p).transpose(1, 2), "few_rows"),  # transformers' layout, as wide
     ]:
         x = torch.randn(rows, weight.shape[1])
