@@ -132,8 +132,9 @@ def decode_sized(x: Tensor, w: Tensor) -> bool:
     There most experts hit get one row; the few-row kernel multiplies one row by a contiguous
     weight column strip by column strip, which the BLAS's matrix-vector product beats by up to
     2.4× on wide weights (``benchmarks/decode_paths.py``; BENCHMARKS.md, "Decode-sized
-    batches and transposed weights"). A transposed view (transformers' ``[n, out, in]`` storage) keeps the kernel,
-    whose ``x·Wᵀ`` product reads the weight's rows contiguously and is as fast.
+    batches and transposed weights"). A transposed view (transformers' ``[n, out, in]``
+    storage) keeps the kernel, whose ``x·Wᵀ`` product reads the weight's rows contiguously and
+    is as fast.
     """
     return (x.device.type == "cpu" and x.shape[0] <= w.shape[0]
             and w.shape[2] >= DECODE_MIN_COLUMNS and w.is_contiguous()
