@@ -6,7 +6,10 @@ products of one weight: forward ``X_e·W_e``, input gradient ``dY_e·W_eᵀ`` an
 ``X_eᵀ·dY_e`` written into memory that already exists (as the expert banks' reused gradient
 buffers do). Today's path: ``grouped_mm`` for the first two, one ``mm`` per expert for the
 third (``sparsemoe.dispatch``). Rows are assigned to experts uniformly at random, so loads vary
-as a router's do. This is what ``sparsemoe.few_rows.MAX_ROWS_PER_EXPERT`` is derived from.
+as a router's do. This is what ``sparsemoe.few_rows.MAX_ROWS_PER_EXPERT`` is derived from;
+``--layout transposed`` stores each weight as the transposed view of a contiguous ``[q, p]``
+(transformers' experts), which the kernel reads with its other product, and gives
+``MAX_ROWS_PER_EXPERT_TRANSPOSED``.
 
     OMP_NUM_THREADS=1 python benchmarks/few_rows_gemm.py
     python benchmarks/few_rows_gemm.py --rows 2 16 64 --shapes 512x1024 --dtype bfloat16
@@ -44,12 +47,13 @@ def kernel_path(x, w, dy, counts, dw):
     }
 
 
-def bench(n, m, p, q, dtype, repeats, clock=time.perf_counter) -> dict:
+def bench(n, m, p, q, dtype, repeats, clock=time.perf_counter, transposed=False) -> dict:
     torch.manual_seed(0)
     counts = torch.bincount(torch.randint(n, (n * m,)), minlength=n)
     rows = int(counts.sum())
     x = torch.randn(rows, p, dtype=dtype)
-    w = torch.randn(n, p, q, dtype=dtype)
+    w = (torch.randn(n, q, p, dtype=dtype).transpose(1, 2) if transposed
+         else torch.randn(n, p, q, dtype=dtype))
     dy = torch.randn(rows, q, dtype=dtype)
     dw = torch.empty_like(w)
     paths = {"grouped_mm": current_path(x, w, dy, counts, dw),
@@ -76,6 +80,8 @@ def main() -> None:
     p.add_argument("--weight-mb", type=float, default=256,
                    help="experts per regime: as many [p, q] weights as fit this size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--layout", default="contiguous", choices=["contiguous", "transposed"],
+                   help="transposed: each weight the [p, q] view of a contiguous [q, p]")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
                    help="cpu: the process's CPU time, for one thread on a shared machine")
@@ -84,7 +90,7 @@ def main() -> None:
     if few_rows.library() is None:
         raise SystemExit("the few-row kernel could not be built (see the warning)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
-          f"{args.clock} clock; "
+          f"{args.clock} clock, {args.layout} weights; "
           "ms median [min-max], ratio = few_rows / grouped_mm")
     print("| p×q | n | rows/expert | product | grouped_mm ms | few_rows ms | ratio |")
     print("|---|---|---|---|---|---|---|")
@@ -93,7 +99,8 @@ def main() -> None:
         n = max(1, int(args.weight_mb * 2**20 / (pp * qq * dtype.itemsize)))
         for m in args.rows:
             res = bench(n, m, pp, qq, dtype, args.repeats,
-                        time.perf_counter if args.clock == "wall" else time.process_time)
+                        time.perf_counter if args.clock == "wall" else time.process_time,
+                        args.layout == "transposed")
             for product, t in res.items():
                 g, k = t["grouped_mm"], t["few_rows"]
                 print(f"| {shape} | {n} | {m} | {product} | {1e3 * g[0]:.1f} "

@@ -42,14 +42,10 @@ def _configs(args) -> dict[str, object]:
     }
 
 
-def _median_ms(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+def _ms(fn, clock) -> float:
+    start = clock()
+    fn()
+    return 1e3 * (clock() - start)
 
 
 def _tasks(model, args):
@@ -82,7 +78,8 @@ def _tasks(model, args):
                 cache.crop(-1)
         return run
 
-    return {"train": train, "prefill": prefill, "decode b1": decode(1), "decode b8": decode(8)}
+    tasks = {"train": train, "prefill": prefill, "decode b1": decode(1), "decode b8": decode(8)}
+    return {name: fn for name, fn in tasks.items() if name.split()[0] in args.tasks}
 
 
 def main() -> None:
@@ -99,11 +96,16 @@ def main() -> None:
                         help="cached tokens before a decode step")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--tasks", nargs="+", default=["train", "prefill", "decode"],
+                        choices=["train", "prefill", "decode"])
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"],
+                        help="cpu: the process's CPU time, for one thread on a shared machine")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     impls = args.impls.split(",")
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, d_model {args.d_model}, {args.layers} layers, float32, "
-          f"1 thread; medians of {args.reps}")
+          f"1 thread, {args.clock} clock; medians of {args.reps}")
     for name, config in _configs(args).items():
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, experts_implementation="eager")
@@ -116,7 +118,7 @@ def main() -> None:
             for _ in range(args.reps):  # alternate the implementations
                 for impl in impls:
                     model.set_experts_implementation(impl)
-                    ms[row][impl].append(_median_ms(fn, 1))
+                    ms[row][impl].append(_ms(fn, clock))
         others = [i for i in impls if i != "sparsemoe"]
         print(f"\n{name}\n")
         print("| task | " + " | ".join(f"{i} ms" for i in impls) + " | "

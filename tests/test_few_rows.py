@@ -39,11 +39,13 @@ TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1.6e-2}
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("p,q", SHAPES)
 @pytest.mark.parametrize("counts", COUNTS)
-def test_products_match_float64_loop(dtype, p, q, counts):
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed-view"])
+def test_products_match_float64_loop(dtype, p, q, counts, transposed):
     torch.manual_seed(0)
     counts = torch.tensor(counts)
     x = torch.randn(int(counts.sum()), p).to(dtype)
-    w = torch.randn(len(counts), p, q).to(dtype)
+    w = (torch.randn(len(counts), q, p).transpose(1, 2) if transposed
+         else torch.randn(len(counts), p, q)).to(dtype)
     dy = torch.randn(x.shape[0], q).to(dtype)
     y, gx, gw = products(x, w, counts, dy, "few_rows")
     assert y.dtype == gx.dtype == gw.dtype == dtype
@@ -54,6 +56,27 @@ def test_products_match_float64_loop(dtype, p, q, counts):
     for got, want in ((y, yr.detach()), (gx, rx), (gw, rw)):
         scale = max(float(want.abs().amax()) if want.numel() else 0.0, 1.0)  # the largest entry
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * scale)
+
+
+def test_transposed_view_is_read_in_place(monkeypatch):
+    """transformers stores expert weights ``[n, out, in]``: their ``[n, in, out]`` view reaches
+    the kernel as its own storage in the forward and input-gradient products, not as a copy
+    (the values of all three products are checked by test_products_match_float64_loop)."""
+    storage = torch.randn(4, 24, 16, requires_grad=True)  # [n, q, p]
+    x = torch.randn(6, 16, requires_grad=True)
+    seen = []
+    call = few_rows._call
+
+    def spy(name, a, b, *rest):
+        seen.append((name, b.data_ptr()))
+        return call(name, a, b, *rest)
+
+    monkeypatch.setattr(few_rows, "_call", spy)
+    y = grouped_matmul(x, storage.transpose(1, 2), torch.tensor([2, 0, 3, 1]), "few_rows")
+    y.backward(torch.randn_like(y))
+    assert [name for name, _ in seen] == ["smoe_input_grad", "smoe_forward", "smoe_weight_grad"]
+    assert seen[0][1] == seen[1][1] == storage.data_ptr()
+    assert storage.grad.shape == storage.shape
 
 
 def test_gradcheck_and_gradgradcheck():
@@ -116,6 +139,12 @@ def test_auto_uses_the_kernel_for_few_rows_only(monkeypatch):
     grouped_matmul(torch.randn(16, 16, dtype=torch.float64), w.double(),
                    torch.full((8,), 2), "auto")
     assert len(calls) == 1  # float64 keeps the loop's BLAS products
+    view = torch.randn(8, 32, 16).transpose(1, 2)  # transformers' layout: a lower limit
+    few = few_rows.MAX_ROWS_PER_EXPERT_TRANSPOSED * 8
+    grouped_matmul(torch.randn(few, 16), view, torch.full((8,), few // 8), "auto")
+    assert len(calls) == 2
+    grouped_matmul(torch.randn(few + 8, 16), view, torch.full((8,), few // 8 + 1), "auto")
+    assert len(calls) == 2
 
 
 def test_expert_bank_runs_on_the_kernel(monkeypatch):

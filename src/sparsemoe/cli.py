@@ -27,6 +27,7 @@ from .data import FetchError
 from .experiments import lm
 from .experiments.processes import DEFAULT_TIMEOUT, ExpertParallelRanks, OneProcess
 from .experiments.runs import Interrupted
+from .experiments.table6 import PAPER_TABLE6
 from .models.architectures import ARCHITECTURES
 from .models.lstm_lm import BALANCINGS, MIDDLES, LMConfig
 
@@ -161,6 +162,23 @@ def _lm_compare(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
                           evaluations=args.evaluations)
 
 
+def _lm_table6(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import table6
+
+    if _lm_arch(args) != "lstm":
+        parser.error(f"--arch: lm table6 measures the LSTM language model's MoE layer, so it "
+                     f"must be 'lstm', got {args.arch!r}")
+    try:
+        weightings = [table6.parse_weighting(w) for w in args.weightings]
+    except ValueError as e:
+        parser.error(f"--weightings: {e}")
+    base = _lm_train_config(parser, args, preset=args.preset)
+    with _data_errors(parser):
+        rows = table6.table6(base, weightings)
+    print(table6.write_report(rows, base.out))
+    print(f"\nwrote table6.md, table6.json and balance.png in {base.out}")
+
+
 def _lm_experts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .experiments import lm_report
 
@@ -212,6 +230,18 @@ def _add_lm(sub: Any) -> None:
                          help="validations during each run (the curves' resolution)")
     training_flags(compare)
     compare.set_defaults(func=_lm_compare, command_parser=compare)
+
+    t6 = lm_sub.add_parser("table6", help="Table 6: train one model per balancing-loss "
+                           "weighting and write its balance table (resumes; rows already "
+                           "trained are read back)")
+    t6.add_argument("--preset", default="MoE-256", help="the model; flags such as --experts "
+                    "override its fields (default: MoE-256)")
+    t6.add_argument("--weightings", nargs="+", metavar="WI,WL",
+                    default=[f"{wi},{wl}" for wi, wl in PAPER_TABLE6],
+                    help="(w_importance, w_load) pairs, one model each (default: Table 6's "
+                         "six: " + " ".join(f"{wi},{wl}" for wi, wl in PAPER_TABLE6) + ")")
+    training_flags(t6)
+    t6.set_defaults(func=_lm_table6, command_parser=t6)
 
     experts = lm_sub.add_parser("experts", help="contexts that route to a few experts (Table 9)")
     experts.add_argument("--checkpoint", required=True)

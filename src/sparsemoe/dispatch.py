@@ -40,9 +40,13 @@ from .memory import GradientBuffers
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop", "few_rows")
 """Implementations of :func:`grouped_matmul`: ``"grouped_mm"`` is torch's grouped GEMM,
 ``"loop"`` one matmul per non-empty expert (any dtype, any device), ``"few_rows"`` the CPU kernel
-of :mod:`sparsemoe.few_rows` (float32, bfloat16, float64), ``"auto"`` the kernel on a CPU where
-experts average few rows (:func:`sparsemoe.few_rows.preferred`) and it could be built, else
-``"grouped_mm"`` where the installed torch supports the device and dtype, else ``"loop"``."""
+of :mod:`sparsemoe.few_rows` (float32, bfloat16, float64), ``"auto"`` the loop for decode-sized
+batches (:func:`decode_sized`), else the kernel on a CPU where experts average few rows
+(:func:`sparsemoe.few_rows.preferred`) and it could be built, else ``"grouped_mm"`` where the
+installed torch supports the device and dtype, else ``"loop"``."""
+
+DECODE_MIN_COLUMNS = 1024
+""":func:`decode_sized`'s narrowest weight: below it the few-row kernel keeps one-row products."""
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -118,6 +122,23 @@ def equal_routes(
     expert_index = torch.div(rows, max(rows_per_expert, 1), rounding_mode="floor")
     tokens_per_expert = torch.full((num_experts,), rows_per_expert, device=device)
     return SortedPairs(rows, rows, expert_index, tokens_per_expert)
+
+
+def decode_sized(x: Tensor, w: Tensor) -> bool:
+    """``impl="auto"``'s choice of ``"loop"`` (one BLAS product per expert hit) on a CPU: at
+    most one row per expert (``T·k ≤ n``, the batches of generation) through a contiguous
+    ``[n, p, q]`` weight at least :data:`DECODE_MIN_COLUMNS` wide.
+
+    There most experts hit get one row; the few-row kernel multiplies one row by a contiguous
+    weight column strip by column strip, which the BLAS's matrix-vector product beats by up to
+    2.4× on wide weights (``benchmarks/decode_paths.py``; BENCHMARKS.md, "Decode-sized
+    batches and transposed weights"). A transposed view (transformers' ``[n, out, in]``
+    storage) keeps the kernel, whose ``x·Wᵀ`` product reads the weight's rows contiguously and
+    is as fast.
+    """
+    return (x.device.type == "cpu" and x.shape[0] <= w.shape[0]
+            and w.shape[2] >= DECODE_MIN_COLUMNS and w.is_contiguous()
+            and not torch.compiler.is_compiling())
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -223,10 +244,12 @@ def grouped_matmul(
     dt = autocast_dtype(x.device.type)
     if dt is not None:
         x, w = x.to(dt), w.to(dt)
+    if impl == "auto" and decode_sized(x, w):
+        impl = "loop"
     if impl == "auto":
         impl = "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
         if (few_rows.supported(x, w) and x.dtype != torch.float64
-                and few_rows.preferred(x.shape[0], w.shape[0])
+                and few_rows.preferred(x.shape[0], w.shape[0], few_rows.transposed_view(w))
                 and not torch.compiler.is_compiling() and few_rows.library() is not None):
             impl = "few_rows"
     check_choice("impl", impl, GROUPED_MM_IMPLS)

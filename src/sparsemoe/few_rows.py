@@ -11,8 +11,11 @@ experts spread over the threads:
 - weight gradient ``dW_e = X_eᵀ · dY_e`` (zero for an expert without rows),
 
 float32 and bfloat16 (accumulated in float32) and float64 (for gradient checks), on
-``torch.get_num_threads()`` threads. The library links ``libgomp.so.1``, which in a process that
-has imported torch is torch's own OpenMP runtime: one thread pool for both.
+``torch.get_num_threads()`` threads. A weight given as the transposed view of a contiguous
+tensor (transformers' ``[n, out, in]`` experts) is read in place: ``X·W`` is then the
+input-gradient product of its storage and ``dY·Wᵀ`` the forward one. The library links
+``libgomp.so.1``, which in a process that has imported torch is torch's own OpenMP runtime:
+one thread pool for both.
 
 The source ships in the package and is compiled on first use with the system's C++ compiler
 (``$CXX``, else ``c++``) into ``cache_dir()/kernels``, keyed by the source, the flags and the
@@ -46,6 +49,11 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
 MAX_ROWS_PER_EXPERT = 32
 """``impl="auto"`` uses the kernel where the experts get at most this many rows on average."""
+
+MAX_ROWS_PER_EXPERT_TRANSPOSED = 8
+""":data:`MAX_ROWS_PER_EXPERT` for a weight that is a transposed view (:func:`transposed_view`,
+transformers' experts): its forward is the kernel's dot-product form, which torch's grouped GEMM
+overtakes sooner (``benchmarks/few_rows_gemm.py --layout transposed``)."""
 
 _state: dict[str, ctypes.CDLL | None] = {}
 
@@ -105,9 +113,12 @@ def supported(x: Tensor, w: Tensor) -> bool:
         and w.dtype == x.dtype
 
 
-def preferred(rows: int, num_experts: int) -> bool:
-    """``impl="auto"``'s rule: the kernel where the experts average few rows (see module doc)."""
-    return rows <= MAX_ROWS_PER_EXPERT * num_experts
+def preferred(rows: int, num_experts: int, transposed: bool = False) -> bool:
+    """``impl="auto"``'s rule: the kernel where the experts average few rows (see module doc):
+    at most :data:`MAX_ROWS_PER_EXPERT`, or :data:`MAX_ROWS_PER_EXPERT_TRANSPOSED` through a
+    transposed view."""
+    limit = MAX_ROWS_PER_EXPERT_TRANSPOSED if transposed else MAX_ROWS_PER_EXPERT
+    return rows <= limit * num_experts
 
 
 def _call(name: str, a: Tensor, b: Tensor, out: Tensor, counts: Tensor, p: int, q: int) -> Tensor:
@@ -127,21 +138,40 @@ def _counts(tokens_per_expert: Tensor) -> Tensor:
     return tokens_per_expert.to(device="cpu", dtype=torch.int64).contiguous()
 
 
+def transposed_view(w: Tensor) -> bool:
+    """``w [n, p, q]`` is ``W.transpose(1, 2)`` of a contiguous ``W [n, q, p]`` (how
+    ``transformers`` stores its experts' ``[n, out, in]`` weights for an ``x·w`` product)."""
+    return not w.is_contiguous() and w.transpose(1, 2).is_contiguous()
+
+
+def _rows_times(a: Tensor, w: Tensor, tokens_per_expert: Tensor, transpose: bool) -> Tensor:
+    """``a[r] · w[e(r)]`` (``a[r] · w[e(r)]ᵀ`` if ``transpose``) by the kernel.
+
+    ``x·W`` and ``x·Wᵀ`` are the kernel's forward and input-gradient products, so a transposed
+    view of a contiguous weight is read in place by the other product, never copied.
+    """
+    if transposed_view(w):
+        w, transpose = w.transpose(1, 2), not transpose
+    a, w = a.contiguous(), w.contiguous()
+    out = a.new_empty(a.shape[0], w.shape[1] if transpose else w.shape[2])
+    return _call("smoe_input_grad" if transpose else "smoe_forward", a, w, out,
+                 _counts(tokens_per_expert), w.shape[1], w.shape[2])
+
+
 @torch.compiler.disable
 def forward(x: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """``y[r] = x[r] · w[e(r)]``. Shape: ``x [N, p]``, ``w [n, p, q]`` → ``[N, q]``."""
-    x, w = x.contiguous(), w.contiguous()
-    out = x.new_empty(x.shape[0], w.shape[2])
-    return _call("smoe_forward", x, w, out, _counts(tokens_per_expert), w.shape[1], w.shape[2])
+    """``y[r] = x[r] · w[e(r)]``. Shape: ``x [N, p]``, ``w [n, p, q]`` → ``[N, q]``.
+
+    ``w`` contiguous or a transposed view of a contiguous tensor is read in place."""
+    return _rows_times(x, w, tokens_per_expert, transpose=False)
 
 
 @torch.compiler.disable
 def input_grad(dy: Tensor, w: Tensor, tokens_per_expert: Tensor) -> Tensor:
-    """``dx[r] = dy[r] · w[e(r)]ᵀ``. Shape: ``dy [N, q]``, ``w [n, p, q]`` → ``[N, p]``."""
-    dy, w = dy.contiguous(), w.contiguous()
-    out = dy.new_empty(dy.shape[0], w.shape[1])
-    return _call("smoe_input_grad", dy, w, out, _counts(tokens_per_expert), w.shape[1],
-                 w.shape[2])
+    """``dx[r] = dy[r] · w[e(r)]ᵀ``. Shape: ``dy [N, q]``, ``w [n, p, q]`` → ``[N, p]``.
+
+    ``w`` contiguous or a transposed view of a contiguous tensor is read in place."""
+    return _rows_times(dy, w, tokens_per_expert, transpose=True)
 
 
 @torch.compiler.disable
@@ -186,6 +216,7 @@ class FewRowsMatmul(torch.autograd.Function):
             return dx, dw, None
         if need_x:
             dx = input_grad(dy, w, tokens_per_expert)
-        if need_w:
-            dw = weight_grad(x, dy, tokens_per_expert)
+        if need_w:  # for a transposed view: (dyᵀ·x)ᵀ, the gradient laid out as w's storage
+            dw = weight_grad(dy, x, tokens_per_expert).transpose(1, 2) if transposed_view(w) \
+                else weight_grad(x, dy, tokens_per_expert)
         return dx, dw, None

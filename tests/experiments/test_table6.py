@@ -2,6 +2,7 @@
 router actually produced, the gate-gradient probe against autograd on the whole loss, and a
 tiny end-to-end table."""
 
+import importlib.util
 import json
 import math
 import random
@@ -201,3 +202,60 @@ def test_balance_trainer_resumes(corpus_file, tmp_path):
     again = BalanceTrainer(tiny(corpus_file, tmp_path), progress=False)
     again.run()
     assert len(again.history["batch"]) == 4 and len(again.history["balance"]) == 3
+
+
+def test_cli_table6_writes_the_table_and_reads_finished_rows_back(corpus_file, tmp_path,
+                                                                  capsys, monkeypatch):
+    import sparsemoe.experiments.table6 as t6
+    from sparsemoe.cli import main
+
+    out = tmp_path / "t6"
+    argv = ["lm", "table6", "--corpus", corpus_file, "--vocab-size", "0", "--experts", "6",
+            "--k", "2", "--hidden", "8", "--d-model", "8", "--dropout", "0", "--steps", "3",
+            "--batch-size", "4", "--bptt", "5", "--eval-every", "2", "--eval-tokens", "100",
+            "--warmup", "1", "--out", str(out)]
+    main([*argv, "--weightings", "0,0", "0.1,0.1"])
+    printed = capsys.readouterr().out
+    table = (out / "table6.md").read_text()
+    assert table.strip() in printed and len(table.splitlines()) == 4
+    rows = json.loads((out / "table6.json").read_text())
+    assert [(r["w_importance"], r["w_load"]) for r in rows] == [(0.0, 0.0), (0.1, 0.1)]
+    assert table.strip() == format_table6(rows)
+    for r in rows:  # the flags reached each run's configuration, over the MoE-256 preset
+        run = out / f"wi{r['w_importance']}_wl{r['w_load']}"
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert metrics["config"]["preset"] == "MoE-256" and metrics["config"]["warmup"] == 1
+        assert {k: metrics["model_config"][k] for k in ("num_experts", "k", "hidden", "d_model",
+                                                         "w_importance", "w_load")} == {
+            "num_experts": 6, "k": 2, "hidden": 8, "d_model": 8,
+            "w_importance": r["w_importance"], "w_load": r["w_load"]}
+        assert r["steps"] == 3 and len(r["history"]["batch"]) == 3
+        assert (run / "table6_row.json").exists()
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "balance.png").stat().st_size > 1000
+
+    trained = []
+    run = t6.run_weighting
+    monkeypatch.setattr(t6, "run_weighting", lambda cfg, wi, wl, *a, **kw: (
+        trained.append((wi, wl)), run(cfg, wi, wl, *a, **kw))[1])
+    main([*argv, "--weightings", "0.1,0.1", "0,0.2", "--gate-init-std", "0.5"])
+    assert trained == [(0.0, 0.2)]  # (0.1, 0.1) was read back
+    again = json.loads((out / "table6.json").read_text())
+    assert again[0] == rows[1] and again[1]["w_load"] == 0.2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--weightings", "0.1"], "--weightings: a weighting must be two numbers"),
+    (["--weightings", "0.1,x"], "got '0.1,x'"),
+    (["--weightings=-1,0"], "must be >= 0, got '-1,0'"),
+    (["--arch", "transformer"], "--arch: lm table6 measures the LSTM"),
+    (["--preset", "MoE-7"], "preset must be one of"),
+])
+def test_cli_table6_usage_errors(flags, message, tmp_path, capsys):
+    from sparsemoe.cli import main
+
+    with pytest.raises(SystemExit, match="2"):
+        main(["lm", "table6", "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert "usage: sparsemoe lm table6" in err and message in err
+    assert not any(tmp_path.iterdir())  # nothing trained

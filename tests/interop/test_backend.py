@@ -98,27 +98,36 @@ def test_every_layout_matches_the_definition(layout, tokens):
                                atol=2e-5, rtol=1e-5)
 
 
+def _gradients(module, impl, x, index, weights):
+    """Gradients of ``Σ y²`` for the input, the routing weights and every parameter."""
+    module.config._experts_implementation = impl
+    module.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_()
+    weights = weights.clone().requires_grad_()
+    module(x, index, weights).square().sum().backward()
+    return [x.grad, weights.grad] + [p.grad.clone() for p in module.parameters()]
+
+
+def _check_gradients_against_eager(module, impl, x, index, weights):
+    """``impl``'s float32 gradients against eager's on a float64 copy: the two sum in
+    different orders (BLAS blocks, the few-row kernel's vectors), so each is held to the
+    float32 floor that eager itself meets, 3e-5."""
+    reference = _gradients(copy.deepcopy(module).double(), "eager", x.double(), index,
+                           weights.double())
+    for got, want in zip(_gradients(module, impl, x, index, weights), reference, strict=True):
+        torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradients_equal_transformers_eager(layout):
-    """Both float32 implementations against eager in float64: the two sum in different orders
-    (BLAS blocks, the few-row kernel's vectors), so each is held to the float32 floor that
-    eager itself meets, 3e-5, rather than to the other's rounding."""
+    """Both float32 implementations against eager in float64 (not against each other's
+    rounding)."""
     module = _experts(layout)
     x = torch.randn(11, D, generator=torch.Generator().manual_seed(3))
     index, weights = _routing(11)
 
-    def grads(mod, impl, dtype):
-        mod.config._experts_implementation = impl
-        mod.zero_grad(set_to_none=True)
-        xx = x.to(dtype).clone().requires_grad_()
-        ww = weights.to(dtype).clone().requires_grad_()
-        mod(xx, index, ww).square().sum().backward()
-        return [xx.grad, ww.grad] + [p.grad.clone() for p in mod.parameters()]
-
-    reference = grads(copy.deepcopy(module).double(), "eager", torch.float64)
     for impl in ("eager", backend.NAME):
-        for got, want in zip(grads(module, impl, torch.float32), reference, strict=True):
-            torch.testing.assert_close(got.double(), want, atol=3e-5, rtol=3e-5)
+        _check_gradients_against_eager(module, impl, x, index, weights)
 
 
 def test_gradcheck_float64():
@@ -212,3 +221,24 @@ def test_readme_backend_example_runs(capsys):
     code = re.findall(r"```python\n(.*?)```", section, re.S)[1]
     exec(compile(code, "README backend example", "exec"), {})
     assert capsys.readouterr().out.strip() == "torch.Size([1, 3, 1000])"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_decode_sized_batches_match_the_definition_and_eager(layout, tokens, monkeypatch,
+                                                             grouped_matmul_impls):
+    """``T·k ≤ n``: weights stored ``[n, in, out]`` (``is_transposed``) take the decode path
+    (one BLAS product per expert hit; DECODE_MIN_COLUMNS lowered so these narrow weights stand
+    for wide ones), views of ``[n, out, in]`` keep the kernel; both equal the float64
+    definition, and their gradients eager's in float64."""
+    from sparsemoe import dispatch
+
+    monkeypatch.setattr(dispatch, "DECODE_MIN_COLUMNS", 1)
+    seen = grouped_matmul_impls
+    module = _experts(layout)
+    x = torch.randn(tokens, D, generator=torch.Generator().manual_seed(4))
+    index, weights = _routing(tokens)
+    torch.testing.assert_close(module(x, index, weights).double(),
+                               _reference(module, x, index, weights), atol=2e-5, rtol=1e-5)
+    assert set(seen) == {"loop"} if module.is_transposed else "loop" not in seen
+    _check_gradients_against_eager(module, backend.NAME, x, index, weights)

@@ -13,7 +13,9 @@ of non-zero gates, the evaluation-mode load), and max(Load)/mean(Load).
 (with the training noise, ``Load`` then being eq. 10's smooth estimator for the CV and the
 routed counts for max/mean), over the first ``eval_tokens`` validation tokens both without and
 with the gating noise, and the gradient the two loss terms send to the gate, so that the cause
-of an imbalance can be read off the run.
+of an imbalance can be read off the run. :func:`write_report` writes ``table6.md``,
+``table6.json`` and ``balance.png``; ``sparsemoe lm table6`` runs all of it from the command
+line.
 """
 
 from __future__ import annotations
@@ -235,3 +237,63 @@ def format_table6(rows: list[dict]) -> str:
         lines.append(f"| {r['w_importance']} | {r['w_load']} | {' | '.join(cells)} | "
                      f"{r['experts_unused']} |")
     return "\n".join(lines)
+
+
+def parse_weighting(text: str) -> tuple[float, float]:
+    """``"w_importance,w_load"`` (e.g. ``"0.1,0.1"``) as two non-negative floats."""
+    parts = text.split(",")
+    try:
+        wi, wl = (float(v) for v in parts)
+    except ValueError:
+        raise ValueError(f"a weighting must be two numbers 'w_importance,w_load' such as "
+                         f"'0.1,0.1', got {text!r}") from None
+    if wi < 0 or wl < 0:
+        raise ValueError(f"a weighting's w_importance and w_load must be >= 0, got {text!r}")
+    return wi, wl
+
+
+def plot_balance(rows: list[dict], path: str | Path) -> Path:
+    """max/mean load of each row's run: per training batch (noisy routing) and at each
+    validation over the validation text, with the evaluation routing and with the gating
+    noise; one line per weighting, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+    for r in rows:
+        label = f"({r['w_importance']}, {r['w_load']})"
+        batch = [b["max_over_mean_load"] for b in r["history"]["batch"]]
+        line, = axes[0].plot(range(1, len(batch) + 1), batch, lw=0.6, label=label)
+        bal = r["history"]["balance"]
+        for ax, key in ((axes[1], "clean"), (axes[2], "noisy")):
+            ax.plot([b["step"] for b in bal], [b[key]["max_over_mean_load"] for b in bal], "o-",
+                    color=line.get_color(), label=label)
+    axes[0].set_title("per training batch (noisy routing)")
+    axes[1].set_title("validation text, evaluation routing")
+    axes[2].set_title("validation text, with the gating noise")
+    axes[0].set_ylabel("max / mean load")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="k", lw=0.6)
+    axes[0].legend(title="(w_importance, w_load)", fontsize=8)
+    fig.tight_layout()
+    try:
+        return runs.save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def write_report(rows: list[dict], out: str | Path) -> str:
+    """Write ``out/table6.md`` (:func:`format_table6`), ``out/table6.json`` (the rows with
+    their training histories) and ``out/balance.png`` (:func:`plot_balance`); returns the
+    table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table6(rows)
+    runs.write_text(out / "table6.md", table + "\n")
+    runs.write_json(out / "table6.json", rows)
+    plot_balance(rows, out / "balance.png")
+    return table
