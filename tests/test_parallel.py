@@ -220,5 +220,8 @@ def test_errors_without_a_process_group():
         parallel.expert_parallel(MoE(8, 4, k=2, hidden=8))
     with pytest.raises(TypeError, match="local must be an expert bank .* got Linear"):
         parallel.ExpertParallel(torch.nn.Linear(2, 2))
+    with pytest.warns(DeprecationWarning, match="GradientSync is deprecated: use sparsemoe"
+                      ".parallel.parallelize"), pytest.raises(RuntimeError, match="init_process"):
+        parallel.GradientSync(MoE(8, 4, k=2, hidden=8))
     with pytest.raises(TypeError, match="mesh must be a torch.distributed DeviceMesh, got tuple"):
         parallel.parallelize(MoE(8, 4, k=2, hidden=8), (2, 2))

@@ -28,10 +28,11 @@ def assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 def test_round_trip_model_optimizer_and_extra(tmp_path):
     model, opt = trained(0)
+    opt.param_groups[0]["lr"] = 0.123  # as a scheduler leaves it
     parallel.save_sharded_checkpoint(tmp_path / "ck", model, opt, extra={"step": 3})
     other, other_opt = trained(1)
     extra = parallel.load_sharded_checkpoint(tmp_path / "ck", other, other_opt)
-    assert extra == {"step": 3}
+    assert extra == {"step": 3} and other_opt.param_groups[0]["lr"] == 0.123
     assert_same(model, other)
     for p, q in zip(model.parameters(), other.parameters(), strict=True):
         for key in ("exp_avg", "exp_avg_sq", "step"):

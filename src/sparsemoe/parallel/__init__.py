@@ -38,6 +38,7 @@ from .checkpoint import (
     consolidate,
     load_sharded_checkpoint,
     save_sharded_checkpoint,
+    sharded_checkpoint_extra,
     sharded_checkpoint_path,
 )
 from .exchange import (
@@ -83,5 +84,6 @@ __all__ = [
     "rank_seeded",
     "save_sharded_checkpoint",
     "shard_experts",
+    "sharded_checkpoint_extra",
     "sharded_checkpoint_path",
 ]

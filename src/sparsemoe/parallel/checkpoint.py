@@ -92,6 +92,16 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[
     return live, saved
 
 
+def _copy_values(live: dict, saved: dict, experts: dict) -> None:
+    """Put the values of the optimizer state ``saved`` (checkpoint layout) that are not
+    tensors (hyperparameters, step counts kept as numbers) into ``live`` (torch's layout)."""
+    for group, loaded in zip(live["param_groups"], saved["param_groups"], strict=True):
+        group.update({k: v for k, v in loaded.items() if k != "params"})
+    for key, entry in live["state"].items():
+        loaded = saved["state"][experts[key][1] if key in experts else key]
+        entry.update({k: v for k, v in loaded.items() if not isinstance(v, Tensor)})
+
+
 def _siblings(path: Path) -> tuple[Path, Path]:
     return path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
 
@@ -161,9 +171,25 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module,
         raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
     live, saved = _states(model, optimizer)
     dcp.load(saved, checkpoint_id=found, no_dist=model_mesh(model) is None)
-    # the expert DTensors share memory with the live shards, which now hold the loaded values
+    # DCP loaded the tensors in place (the expert DTensors share memory with the live shards)
+    # and replaced the other values in the checkpoint layout's dictionaries: copy those back
+    if optimizer is not None:
+        _copy_values(live["optimizer"], saved["optimizer"], _bank_keys(model)[0])
     set_state_dict(model, () if optimizer is None else (optimizer,),
                    model_state_dict=live["model"], optim_state_dict=live.get("optimizer", {}))
+    return sharded_checkpoint_extra(found)
+
+
+def sharded_checkpoint_extra(path: str | Path) -> dict:
+    """The ``extra`` values of the checkpoint that ``path`` stands for (empty without them),
+    read without loading any shard.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no complete checkpoint.
+    """
+    found = sharded_checkpoint_path(path)
+    if found is None:
+        raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
     extra = found / EXTRA
     return torch.load(extra, weights_only=True) if extra.is_file() else {}
 
