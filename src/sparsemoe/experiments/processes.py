@@ -33,7 +33,8 @@ DEFAULT_TIMEOUT = 600.0
 """Seconds a collective waits for the other ranks (torch's own default is 30 minutes). Long
 enough for rank 0 to read a large corpus while the others wait (``root_first``), short enough
 that a frozen rank ends the job within minutes. A rank that dies closes its connections, and
-the others' next collective fails at once (gloo) rather than after the timeout."""
+the others' next collective fails at once rather than after the timeout. The mesh's groups
+take the same timeout (:func:`sparsemoe.parallel.parallelize`)."""
 
 
 class OneProcess:

@@ -24,6 +24,9 @@ Above :mod:`sparsemoe.parallel.model`; torch's FSDP2, DTensor and DCP do the wor
 
 from __future__ import annotations
 
+import math
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -31,6 +34,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from .._checks import check_number
 from ..module import MoEModule
 from .exchange import check_feed_forward_bank
 from .model import _expert_banks, expert_parallel
@@ -56,11 +60,17 @@ class _ModelMesh:
 
     def __init__(self, mesh: DeviceMesh) -> None:
         self.mesh = mesh
+        # layout only (no process group): checkpoints place the shards by it, DCP communicates
+        # over the default group
         self.experts = DeviceMesh(mesh.device_type, mesh.mesh.t().reshape(-1),
-                                  mesh_dim_names=("ep_dp",))
+                                  mesh_dim_names=("ep_dp",), _init_backend=False)
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+def _backend(group: dist.ProcessGroup, device_type: str):
+    return group._get_backend(torch.device(device_type))
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None) -> nn.Module:
     """Spread ``model`` over a ``dp × ep`` ``DeviceMesh``, in place: every MoE layer's experts
     over "ep" (:func:`~sparsemoe.parallel.expert_parallel` on the ep group), then FSDP2
     (``fully_shard``) over "dp" for each expert bank and over the whole mesh for the rest.
@@ -70,9 +80,17 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     clip with :func:`clip_grad_norm_` (the norm over every expert once). Every rank reads its
     own tokens; the ``W`` ranks' losses average to the loss of the whole batch.
 
+    A rank that dies or stops makes the others' next collective fail: at once where its
+    connections close (a dead process), after ``timeout`` where it stays silent (a frozen
+    one). ``init_device_mesh`` gives the mesh's groups torch's default timeout (30 minutes)
+    whatever ``init_process_group`` was given, so the groups' timeout is set here.
+
     Args:
         model: a model containing sparsemoe MoE layers with ``FeedForwardExperts`` banks.
         mesh: ``init_device_mesh(device, (dp, ep), mesh_dim_names=("dp", "ep"))``.
+        timeout: seconds a collective of the mesh's groups (the expert exchange, FSDP's
+            all-gathers and reduce-scatters, the norm) waits for the other ranks before it
+            raises; None: the default process group's (``init_process_group(timeout=...)``).
 
     Returns:
         ``model`` (now an FSDP2 module).
@@ -80,9 +98,15 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     Raises:
         TypeError: ``mesh`` is not a DeviceMesh, or a layer's bank is not FeedForwardExperts.
         ValueError: the mesh's dimensions are not ``("dp", "ep")``, the model has no MoE layer,
-            or a layer's number of experts is not divisible by ``dp·ep``.
+            a layer's number of experts is not divisible by ``dp·ep``, or ``timeout`` is not
+            positive.
     """
     _check_mesh(mesh)
+    if timeout is None:
+        wait = _backend(dist.group.WORLD, mesh.device_type).options._timeout
+    else:
+        check_number("timeout", timeout, low=0, high=math.inf, low_open=True, high_open=True)
+        wait = timedelta(seconds=timeout)
     world = mesh.size()
     for name, layer in model.named_modules():
         if isinstance(layer, MoEModule) and layer.num_experts % world:
@@ -98,7 +122,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
         # group's size needs is NCCL's only (gloo has none). Not on one dp rank, where
         # torch 2.13 would then divide twice.
         bank.local.set_force_sum_reduction_for_comms(mesh.size(0) > 1)
-    fully_shard(model, mesh=mesh._flatten("dp_ep") if mesh.size(1) > 1 else mesh["dp"])
+    everyone = mesh._flatten("dp_ep")
+    fully_shard(model, mesh=everyone)
+    for group in (mesh.get_group("dp"), mesh.get_group("ep"), everyone.get_group()):
+        _backend(group, mesh.device_type)._set_default_timeout(wait)
     setattr(model, _MESH_ATTR, _ModelMesh(mesh))
     return model
 
