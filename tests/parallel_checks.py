@@ -166,6 +166,32 @@ def check_one_rank_receives(counts):
     return equivalence(one_rank_layer, counts, gates=False)
 
 
+def check_compiled(counts):
+    """An expert-parallel layer under ``torch.compile`` (AOTAutograd, no code generation)
+    against the same layer run eagerly: output, input and parameter gradients."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    eager = P.expert_parallel(top_k_layer()).eval()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="aot_eager")
+    x = slices(dist.get_world_size(), counts, 1)[rank]
+    outputs = []
+    for layer in (eager, compiled):
+        xr = x.clone().requires_grad_(True)
+        y = layer(xr)
+        (y * y).sum().backward()
+        outputs.append((y, xr.grad))
+    torch._dynamo.reset()
+    errors = {"output": max_err(outputs[1][0], outputs[0][0]),
+              "x_grad": max_err(outputs[1][1], outputs[0][1])}
+    for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
+        if p.grad is None:  # unused in evaluation (the noise weights): unused in both
+            errors[f"grad {name}"] = 0.0 if q.grad is None else float("inf")
+        else:
+            errors[f"grad {name}"] = max_err(q.grad, p.grad)
+    return {"errors": errors}
+
+
 def counted_bytes(counts):
     """ExchangeStats against the bytes that really went through ``all_to_all_single`` (forward
     and backward), counted by a wrapper around it."""
@@ -540,6 +566,7 @@ CHECKS = {
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
+    "compiled": check_compiled,
     "training": check_training, "reshard": check_reshard,
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
 }

@@ -40,6 +40,8 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
               ("training", "training", counts),
               ("constructed", "constructed", counts),
               ("errors", "errors", counts)]
+    if world == 2:
+        steps.append(("compiled", "compiled", counts))
     if world == 4:
         steps += [("reshard", "reshard", counts), ("mesh_training", "mesh_training", counts),
                   ("mesh_reshard", "mesh_reshard", counts)]
@@ -161,6 +163,12 @@ def test_training_steps_equal_one_process(runs, world):
 def test_checkpoints_reshard_4_2_1_and_back(runs):
     worst = assert_errors(results(runs, 4, "reshard"))
     assert "step on W (back)" in worst and worst["W keys == single keys"] == 0
+
+
+def test_expert_parallel_layer_under_torch_compile(runs):
+    """Compiled (with graph breaks where the exchange reads its split sizes) equals eager."""
+    worst = assert_errors(results(runs, 2, "compiled"))
+    assert "grad experts.local.w1" in worst and "x_grad" in worst
 
 
 def test_mesh_training_equals_one_process(runs):
