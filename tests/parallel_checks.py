@@ -444,6 +444,9 @@ def check_errors(_counts):
             P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
             MoE(D, world, k=1, hidden=4).state_dict()),
         "factored_state": factored_optimizer_state,
+        "sharded_without_mesh": lambda: P.save_sharded_checkpoint(
+            Path(os.environ["SPARSEMOE_TEST_DIR"]) / "never",
+            P.expert_parallel(MoE(D, world, k=1, hidden=4))),
         "mesh_dims": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
             "cpu", (world,), mesh_dim_names=("ep",))),
         "mesh_divisible": lambda: P.parallelize(

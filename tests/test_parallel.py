@@ -212,6 +212,10 @@ def test_errors_name_what_is_wrong(runs, world):
     assert f"has {2 * world} experts along the first dimension" in m["checkpoint"]
     assert m["factored_state"].startswith("ValueError: optimizer state 'col' of expert "
                                           "parameter") and "FactoredAdam" in m["factored_state"]
+    assert m["sharded_without_mesh"] == (
+        "ValueError: model (MoE) has expert-parallel layers on a process group without a "
+        "device mesh; distributed checkpoints need parallelize(model, mesh) (or "
+        "full_state_dict for this layout)")
     assert m["mesh_dims"] == ("ValueError: mesh must have the dimensions ('dp', 'ep') "
                               "(init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))),"
                               " got ('ep',)")

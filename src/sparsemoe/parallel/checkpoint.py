@@ -70,6 +70,10 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> tuple[
     if optimizer is not None:
         live["optimizer"] = optim_sd
     experts = _bank_keys(model)[0]
+    if experts and model_mesh(model) is None:
+        raise ValueError(f"model ({type(model).__name__}) has expert-parallel layers on a process "
+                         f"group without a device mesh; distributed checkpoints need "
+                         f"parallelize(model, mesh) (or full_state_dict for this layout)")
     saved_model = {}
     for key, value in model_sd.items():
         if key in experts:
@@ -122,14 +126,18 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module,
 
     Returns:
         ``path``.
+
+    Raises:
+        ValueError: ``model`` has expert-parallel layers but no mesh (``expert_parallel`` on a
+            process group).
     """
     path = Path(path)
     new, old = _siblings(path)
+    _, saved = _states(model, optimizer)
     if _is_root(model):
         shutil.rmtree(new, ignore_errors=True)
         new.mkdir(parents=True)
     _barrier(model)
-    _, saved = _states(model, optimizer)
     dcp.save(saved, checkpoint_id=new, no_dist=model_mesh(model) is None)
     if _is_root(model):
         if extra is not None:

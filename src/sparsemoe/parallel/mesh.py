@@ -36,7 +36,6 @@ from torch.distributed.tensor import DTensor
 
 from .._checks import check_number
 from ..module import MoEModule
-from .exchange import check_feed_forward_bank
 from .model import _expert_banks, expert_parallel
 
 MESH_DIMS = ("dp", "ep")
@@ -115,7 +114,6 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
                              f" every rank stores num_experts / (dp × ep) experts")
     expert_parallel(model, mesh.get_group("ep"))
     for bank in _expert_banks(model).values():
-        check_feed_forward_bank(bank.local, "expert bank")
         fully_shard(bank.local, mesh=mesh["dp"])
         bank.local.set_gradient_divide_factor(float(world))
         # A sum, then the division: the pre-multiplied sum that a divisor other than the
@@ -135,8 +133,10 @@ def model_mesh(model: nn.Module) -> _ModelMesh | None:
     return getattr(model, _MESH_ATTR, None)
 
 
-def _norm(grads: list[Tensor], norm_type: float) -> Tensor:
-    total = torch.nn.utils.get_total_norm(grads, norm_type) if grads else torch.zeros(())
+def _norm(grads: list[Tensor], norm_type: float, device_type: str) -> Tensor:
+    if not grads:  # still a tensor for the all-reduce, on the backend's device
+        return torch.zeros((), device=device_type)
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
     return total.full_tensor() if isinstance(total, DTensor) else total
 
 
@@ -149,9 +149,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     the non-expert ones over all ranks, each rank's experts over its dp group. Expert
     gradients differ between the ep ranks (each holds other experts), so their norms are
     combined over the ep group, every expert counted once:
-    ``‖g‖ = (‖g_rest‖^p + Σ_j ‖g_experts,j‖^p)^(1/p)`` (the maximum for ``p = inf``).
-    ``torch.nn.utils.clip_grads_with_norm_`` then scales each group. On a model without a mesh it is
-    ``torch.nn.utils.clip_grad_norm_``.
+    ``‖g‖ = (‖g_rest‖^p + Σ_j ‖g_experts,j‖^p)^(1/p)``. ``torch.nn.utils.clip_grads_with_norm_``
+    then scales each group. On a model without a mesh it is ``torch.nn.utils.clip_grad_norm_``.
+
+    Raises:
+        ValueError: ``norm_type`` is not a positive finite number (on a mesh).
 
     Returns:
         ``‖g‖`` (a scalar tensor, the same on every rank).
@@ -160,18 +162,14 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     layout = model_mesh(model)
     if layout is None:
         return nn.utils.clip_grad_norm_(params, max_norm, norm_type)
+    check_number("norm_type", norm_type, low=0, high=math.inf, low_open=True, high_open=True)
     experts = {id(p) for b in _expert_banks(model).values() for p in b.parameters()}
     groups = ([p for p in params if id(p) not in experts], [p for p in params if id(p) in experts])
-    rest = _norm([p.grad for p in groups[0]], norm_type)
-    own = _norm([p.grad for p in groups[1]], norm_type).to(rest.dtype)
-    group = layout.mesh.get_group("ep")
-    if norm_type == float("inf"):
-        dist.all_reduce(own, op=dist.ReduceOp.MAX, group=group)
-        total = torch.maximum(rest, own)
-    else:
-        own = own.pow(norm_type)
-        dist.all_reduce(own, group=group)
-        total = (rest.pow(norm_type) + own).pow(1.0 / norm_type)
+    rest = _norm([p.grad for p in groups[0]], norm_type, layout.mesh.device_type)
+    own = _norm([p.grad for p in groups[1]], norm_type, layout.mesh.device_type).to(rest.dtype)
+    own = own.pow(norm_type)
+    dist.all_reduce(own, group=layout.mesh.get_group("ep"))
+    total = (rest.pow(norm_type) + own).pow(1.0 / norm_type)
     for group_params in groups:  # one call per mesh: DTensor ops take one mesh
         nn.utils.clip_grads_with_norm_(group_params, max_norm, total)
     return total
