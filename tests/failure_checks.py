@@ -2,7 +2,8 @@
 ``tests/test_parallel_failure.py``: the other ranks must end with an error, not wait forever.
 
 Every rank trains ``parallel_checks.Net`` on a 2 × 2 mesh and saves a distributed checkpoint
-after its first step; the last rank then fails as its scenario says. The survivors record the
+after its first step; the last rank then fails as its scenario says: between its forward and
+its backward, or inside the next save, while writing its shards. The survivors record the
 error they got and how long after the failure it came (the failing rank writes the moment
 it fails)."""
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from parallel_checks import adam, batch_for, mesh_model, mesh_step, step_loss
+from torch.distributed.checkpoint import FileSystemWriter
 
 from sparsemoe import parallel as P
 
@@ -47,8 +49,8 @@ def failing_rank(rank: int, world: int, init_method: str, out_dir: str, scenario
     try:
         xs, ys = batch_for(1, world)
         if scenario == "killed mid-save":
-            if last:
-                fail(scenario, out)
+            if last:  # dies in DCP's write of its shards, after the save's planning
+                FileSystemWriter.write_data = lambda *args, **kwargs: fail(scenario, out)
             P.save_sharded_checkpoint(out / "ck", model, opt, extra={"step": 2})
         else:
             loss = step_loss(model, xs[rank], ys[rank], 1000 + rank)  # the forward went through

@@ -42,7 +42,8 @@ def run(scenario: str, tmp_path, limit: float = 180.0) -> list[dict]:
     results = [json.loads(p.read_text()) for p in survivors]
     for r in results:
         r["seconds"] = r["ended_at"] - failed_at
-    print(scenario, "seconds after the failure:", [round(r["seconds"], 1) for r in results])
+    print(scenario, "seconds after the failure:", [round(r["seconds"], 1) for r in results],
+          sorted({r["error"].split(":")[0] for r in results if r["error"]}))
     return results
 
 
@@ -57,6 +58,8 @@ def previous_checkpoint_loads(tmp_path) -> None:
 def test_a_killed_rank_ends_the_others_with_an_error(scenario, tmp_path):
     results = run(scenario, tmp_path)
     assert all(r["error"] is not None for r in results), results
+    if scenario == "killed mid-save":  # the interrupted save's folder, never switched in
+        assert (tmp_path / "ck.new").is_dir() and not (tmp_path / "ck.new" / ".metadata").exists()
     previous_checkpoint_loads(tmp_path)
 
 
