@@ -447,6 +447,9 @@ def check_errors(_counts):
         "sharded_without_mesh": lambda: P.save_sharded_checkpoint(
             Path(os.environ["SPARSEMOE_TEST_DIR"]) / "never",
             P.expert_parallel(MoE(D, world, k=1, hidden=4))),
+        "mesh_other_group": lambda: P.parallelize(
+            MoE(D, 2 * world, k=1, hidden=4, process_group=dist.new_group(list(range(world)))),
+            init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
         "mesh_dims": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
             "cpu", (world,), mesh_dim_names=("ep",))),
         "mesh_divisible": lambda: P.parallelize(

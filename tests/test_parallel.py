@@ -216,6 +216,10 @@ def test_errors_name_what_is_wrong(runs, world):
         "ValueError: model (MoE) has expert-parallel layers on a process group without a "
         "device mesh; distributed checkpoints need parallelize(model, mesh) (or "
         "full_state_dict for this layout)")
+    assert m["mesh_other_group"] == (
+        "ValueError: experts: the layer's experts are spread over another process group than "
+        "the mesh's 'ep' dimension; build the layer for one process (no process_group) and let "
+        "parallelize spread it")
     assert m["mesh_dims"] == ("ValueError: mesh must have the dimensions ('dp', 'ep') "
                               "(init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))),"
                               " got ('ep',)")

@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from .._checks import check_number
 from ..module import MoEModule
-from .model import _expert_banks, expert_parallel
+from .model import _expert_banks, _same_group, expert_parallel
 
 MESH_DIMS = ("dp", "ep")
 
@@ -97,8 +97,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
     Raises:
         TypeError: ``mesh`` is not a DeviceMesh, or a layer's bank is not FeedForwardExperts.
         ValueError: the mesh's dimensions are not ``("dp", "ep")``, the model has no MoE layer,
-            a layer's number of experts is not divisible by ``dp·ep``, or ``timeout`` is not
-            positive.
+            a layer's number of experts is not divisible by ``dp·ep``, a layer's experts are
+            already spread over another group, or ``timeout`` is not positive.
     """
     _check_mesh(mesh)
     if timeout is None:
@@ -112,8 +112,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
             raise ValueError(f"{name or 'model'}: num_experts ({layer.num_experts}) must be "
                              f"divisible by dp × ep ({mesh.size(0)} × {mesh.size(1)} = {world}):"
                              f" every rank stores num_experts / (dp × ep) experts")
-    expert_parallel(model, mesh.get_group("ep"))
-    for bank in _expert_banks(model).values():
+    ep_group = mesh.get_group("ep")
+    expert_parallel(model, ep_group)
+    for name, bank in _expert_banks(model).items():
+        if not _same_group(bank.group, ep_group):
+            raise ValueError(f"{name}: the layer's experts are spread over another process group "
+                             f"than the mesh's 'ep' dimension; build the layer for one process "
+                             f"(no process_group) and let parallelize spread it")
         fully_shard(bank.local, mesh=mesh["dp"])
         bank.local.set_gradient_divide_factor(float(world))
         # A sum, then the division: the pre-multiplied sum that a divisor other than the
