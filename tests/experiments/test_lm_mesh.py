@@ -34,7 +34,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0):
+def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0, fails=False):
     out = tmp_path / name
     out.mkdir()
     ctx = mp.start_processes(mesh_rank, args=(WORLD, free_port(), data_parallel, cfg, str(out)),
@@ -47,6 +47,8 @@ def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0):
                     p.kill()
             pytest.fail(f"the mesh run did not finish within {timeout:.0f} s")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    if fails:
+        return results
     failed = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
     assert not failed, "\n".join(failed)
     return results
@@ -86,3 +88,14 @@ def test_a_mesh_run_evaluates_on_one_process(corpus_file, tmp_path):
     for (name, p), q in zip(model.state_dict().items(),
                             reference.model.state_dict().values(), strict=True):
         assert (p - q).abs().max() < 1e-5, name
+
+
+def test_factored_adam_is_refused_on_a_mesh(corpus_file, tmp_path):
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    cfg = replace(exact_config(corpus_file, tmp_path / "run", 2), optimizer="factored-adam")
+    for result in run_on_mesh(cfg, 2, tmp_path, "2x2", fails=True):
+        assert not result["ok"]
+        assert result["error"].strip().splitlines()[-1] == (
+            "ValueError: optimizer 'factored-adam' keeps per-matrix factors that are not shaped "
+            "like the FSDP2 shards of their parameters; use optimizer 'adam' or 'adamw' on a "
+            "device mesh")
