@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from helpers import randomise_gates
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
 from sparsemoe import parallel as P
@@ -162,6 +164,32 @@ def one_rank_layer():
 
 def check_one_rank_receives(counts):
     return equivalence(one_rank_layer, counts, gates=False)
+
+
+def check_compiled(counts):
+    """An expert-parallel layer under ``torch.compile`` (AOTAutograd, no code generation)
+    against the same layer run eagerly: output, input and parameter gradients."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    eager = P.expert_parallel(top_k_layer()).eval()
+    compiled_layer = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_layer, backend="aot_eager")
+    x = slices(dist.get_world_size(), counts, 1)[rank]
+    outputs = []
+    for layer in (eager, compiled):
+        xr = x.clone().requires_grad_(True)
+        y = layer(xr)
+        (y * y).sum().backward()
+        outputs.append((y, xr.grad))
+    torch._dynamo.reset()
+    errors = {"output": max_err(outputs[1][0], outputs[0][0]),
+              "x_grad": max_err(outputs[1][1], outputs[0][1])}
+    for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
+        if p.grad is None:  # unused in evaluation (the noise weights): unused in both
+            errors[f"grad {name}"] = 0.0 if q.grad is None else float("inf")
+        else:
+            errors[f"grad {name}"] = max_err(q.grad, p.grad)
+    return {"errors": errors}
 
 
 def counted_bytes(counts):
@@ -416,6 +444,17 @@ def check_errors(_counts):
             P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
             MoE(D, world, k=1, hidden=4).state_dict()),
         "factored_state": factored_optimizer_state,
+        "sharded_without_mesh": lambda: P.save_sharded_checkpoint(
+            Path(os.environ["SPARSEMOE_TEST_DIR"]) / "never",
+            P.expert_parallel(MoE(D, world, k=1, hidden=4))),
+        "mesh_other_group": lambda: P.parallelize(
+            MoE(D, 2 * world, k=1, hidden=4, process_group=dist.new_group(list(range(world)))),
+            init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
+        "mesh_dims": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
+            "cpu", (world,), mesh_dim_names=("ep",))),
+        "mesh_divisible": lambda: P.parallelize(
+            MoE(D, 2 * world + 1, k=1, hidden=4),
+            init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
     }.items():
         try:
             make()
@@ -425,13 +464,117 @@ def check_errors(_counts):
     return {"messages": messages, "world": world}
 
 
+MESH_SHAPES = ((4, 1), (2, 2), (1, 4))
+
+
+def full_value(t):
+    """A DTensor's whole value (a collective over its mesh), a tensor as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def mesh_errors(model, ref, grads=False):
+    """Largest error of every parameter (or gradient) of a parallelize-d ``model`` against the
+    single-process ``ref``: expert banks against the rows of this rank's ep group."""
+    full = {n: p.grad if grads else p for n, p in ref.named_parameters()}
+    errors = []
+    for name, p in model.named_parameters():
+        mine = full_value(p.grad if grads else p)
+        errors.append(max_err(mine, shard_of(model, name, full[global_name(name)])))
+    return max(errors)
+
+
+def mesh_step(model, opt, step, clip, world=4):
+    """One step of a parallelize-d model on its rank's slice; ``(loss, norm)``."""
+    rank = dist.get_rank()
+    xs, ys = batch_for(step, world)
+    loss = step_loss(model, xs[rank], ys[rank], 1000 * step + rank)
+    opt.zero_grad()
+    loss.backward()
+    norm = P.clip_grad_norm_(model, clip)
+    opt.step()
+    return loss.item(), norm.item()
+
+
+def mesh_model(shape, seed):
+    torch.manual_seed(seed)
+    model = Net()
+    if shape == (1, 1):
+        return model
+    return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS))
+
+
+def check_mesh_training(_counts, steps=5, clip=0.05):
+    """Five Adam steps with clipping on each dp × ep mesh of 4 ranks against one process:
+    losses, gradient norms, gradients (after clipping) and parameters."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    errors, norms = {}, []
+    for shape in MESH_SHAPES:
+        torch.manual_seed(0)
+        ref = Net()
+        model = mesh_model(shape, 0)
+        ref_opt, opt = adam(ref), adam(model)
+        worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0}
+        for step in range(steps):
+            ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
+            loss, norm = mesh_step(model, opt, step, clip)
+            norms.append(norm)
+            for key, err in (("loss", abs(loss - ref_losses[rank])),
+                             ("grad_norm", abs(norm - ref_norm)),
+                             ("gradients", mesh_errors(model, ref, grads=True)),
+                             ("parameters", mesh_errors(model, ref))):
+                worst[key] = max(worst[key], err)
+        errors.update({f"{shape[0]}x{shape[1]} {k}": v for k, v in worst.items()})
+    return {"errors": errors, "norms": norms, "clip": clip}
+
+
+def check_mesh_reshard(_counts, clip=0.05):
+    """A distributed checkpoint through 4x1 -> 2x2 -> 1x4 -> 1x1 -> 4x1, a step at each stop,
+    against the same steps on one process; the last checkpoint consolidated into one file."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / "dcp"
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = adam(ref)
+    errors = {}
+    stops = ((4, 1), (2, 2), (1, 4), (1, 1), (4, 1))
+    for i, shape in enumerate(stops):
+        name = f"{i}: {shape[0]}x{shape[1]}"
+        if shape == (1, 1) and rank != 0:
+            reference_step(ref, ref_opt, i, world, clip)
+            dist.barrier()  # rank 0 alone: load, step, save
+            continue
+        model = mesh_model(shape, 0 if i == 0 else 10 + i)
+        opt = adam(model)
+        if i:
+            P.load_sharded_checkpoint(out, model, opt)
+            errors[f"load {name}"] = mesh_errors(model, ref)
+        if shape == (1, 1):
+            reference_step(model, opt, i, world, clip)
+        else:
+            mesh_step(model, opt, i, clip)
+        reference_step(ref, ref_opt, i, world, clip)
+        errors[f"step on {name}"] = mesh_errors(model, ref)
+        P.save_sharded_checkpoint(out, model, opt, extra={"stop": i})
+        if shape == (1, 1):
+            dist.barrier()
+    if rank == 0:
+        whole = torch.load(P.consolidate(out, out.with_name("whole.pt")), weights_only=True)
+        errors["consolidated"] = max(max_err(v, ref.state_dict()[k])
+                                     for k, v in whole["model"].items())
+        errors["consolidated keys"] = float(set(whole["model"]) != set(ref.state_dict()))
+        errors["extra"] = float(whole["stop"] != len(stops) - 1)
+    return {"errors": errors, "files": sorted(p.name for p in out.iterdir())}
+
+
 CHECKS = {
     "constructed": check_constructed, "errors": check_errors,
     "top_k": check_top_k, "top_k_eval": check_top_k_eval,
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
+    "compiled": check_compiled,
     "training": check_training, "reshard": check_reshard,
+    "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
 }
 
 
@@ -454,3 +597,4 @@ def worker(rank: int, world: int, init_method: str, out_dir: str, plan: list) ->
             break
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+

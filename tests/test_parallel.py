@@ -40,8 +40,11 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
               ("training", "training", counts),
               ("constructed", "constructed", counts),
               ("errors", "errors", counts)]
+    if world == 2:
+        steps.append(("compiled", "compiled", counts))
     if world == 4:
-        steps.append(("reshard", "reshard", counts))
+        steps += [("reshard", "reshard", counts), ("mesh_training", "mesh_training", counts),
+                  ("mesh_reshard", "mesh_reshard", counts)]
     return steps
 
 
@@ -162,6 +165,32 @@ def test_checkpoints_reshard_4_2_1_and_back(runs):
     assert "step on W (back)" in worst and worst["W keys == single keys"] == 0
 
 
+def test_expert_parallel_layer_under_torch_compile(runs):
+    """Compiled (with graph breaks where the exchange reads its split sizes) equals eager."""
+    worst = assert_errors(results(runs, 2, "compiled"))
+    assert "grad experts.local.w1" in worst and "x_grad" in worst
+
+
+def test_mesh_training_equals_one_process(runs):
+    """FSDP2 over "dp", experts over "ep": 4x1, 2x2 and 1x4 meshes of 4 ranks against one
+    process, five Adam steps with clipping (losses, norms, clipped gradients, parameters)."""
+    (res, *_) = per_rank = results(runs, 4, "mesh_training")
+    worst = assert_errors(per_rank)
+    assert {k.split()[0] for k in worst} == {"4x1", "2x2", "1x4"}
+    assert min(res["norms"]) > res["clip"]  # clipping was active at every step
+
+
+def test_sharded_checkpoint_through_every_mesh(runs):
+    """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop; every rank wrote a
+    file; the consolidated file is the single-process state."""
+    per_rank = results(runs, 4, "mesh_reshard")
+    worst = assert_errors(per_rank, tol=1e-6)
+    assert "step on 4: 4x1" in worst and "load 3: 1x1" in worst and worst["extra"] == 0
+    assert worst["consolidated keys"] == 0
+    assert per_rank[0]["files"] == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
+                                    "extra.pt"]
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_built_with_a_process_group(runs, world):
     for res in results(runs, world, "constructed"):
@@ -183,6 +212,20 @@ def test_errors_name_what_is_wrong(runs, world):
     assert f"has {2 * world} experts along the first dimension" in m["checkpoint"]
     assert m["factored_state"].startswith("ValueError: optimizer state 'col' of expert "
                                           "parameter") and "FactoredAdam" in m["factored_state"]
+    assert m["sharded_without_mesh"] == (
+        "ValueError: model (MoE) has expert-parallel layers on a process group without a "
+        "device mesh; distributed checkpoints need parallelize(model, mesh) (or "
+        "full_state_dict for this layout)")
+    assert m["mesh_other_group"] == (
+        "ValueError: experts: the layer's experts are spread over another process group than "
+        "the mesh's 'ep' dimension; build the layer for one process (no process_group) and let "
+        "parallelize spread it")
+    assert m["mesh_dims"] == ("ValueError: mesh must have the dimensions ('dp', 'ep') "
+                              "(init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))),"
+                              " got ('ep',)")
+    assert m["mesh_divisible"] == (f"ValueError: model: num_experts ({2 * world + 1}) must be "
+                                   f"divisible by dp × ep (1 × {world} = {world}): every rank "
+                                   f"stores num_experts / (dp × ep) experts")
 
 
 def test_errors_without_a_process_group():
@@ -193,3 +236,8 @@ def test_errors_without_a_process_group():
         parallel.expert_parallel(MoE(8, 4, k=2, hidden=8))
     with pytest.raises(TypeError, match="local must be an expert bank .* got Linear"):
         parallel.ExpertParallel(torch.nn.Linear(2, 2))
+    with pytest.warns(DeprecationWarning, match="GradientSync is deprecated: use sparsemoe"
+                      ".parallel.parallelize"), pytest.raises(RuntimeError, match="init_process"):
+        parallel.GradientSync(MoE(8, 4, k=2, hidden=8))
+    with pytest.raises(TypeError, match="mesh must be a torch.distributed DeviceMesh, got tuple"):
+        parallel.parallelize(MoE(8, 4, k=2, hidden=8), (2, 2))

@@ -128,8 +128,9 @@ def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.preset is None and args.num_experts is None and args.middle is None:
         parser.error("lm train: give --preset NAME or a model (--experts N --k K ...)")
     cfg = _lm_train_config(parser, args, preset=args.preset)
-    processes = ExpertParallelRanks.start(args.rank_timeout) if args.expert_parallel \
-        else OneProcess()
+    distributed = args.expert_parallel or args.data_parallel is not None
+    processes = ExpertParallelRanks.start(args.rank_timeout, args.data_parallel or 1) \
+        if distributed else OneProcess()
     try:
         with _data_errors(parser):
             metrics = lm.Trainer(cfg, processes=processes).run()
@@ -207,9 +208,13 @@ def _add_lm(sub: Any) -> None:
                             "CPU, NCCL on GPU); --batch-size is then split over the ranks: "
                             "torchrun --nproc_per_node N --no-python sparsemoe lm train ... "
                             "--expert-parallel")
+    train.add_argument("--data-parallel", type=int, default=None, metavar="N",
+                       help="under torchrun: the device mesh's data-parallel size N (FSDP2); "
+                            "the experts are spread over the other WORLD_SIZE / N ranks "
+                            "(default with --expert-parallel: 1)")
     train.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                       help="with --expert-parallel: how long a rank waits for the others "
-                            "before the job fails (a stopped or frozen rank); default "
+                       help="on a mesh: how long a rank waits for the others before the job "
+                            "fails (a stopped or frozen rank); default "
                             f"{DEFAULT_TIMEOUT:.0f}")
     training_flags(train)
     train.set_defaults(func=_lm_train, command_parser=train)

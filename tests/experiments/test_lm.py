@@ -205,7 +205,8 @@ def test_cli_reports_a_missing_corpus_or_checkpoint_as_a_usage_error(tmp_path, c
     for argv, message in [
         (["lm", "train", "--preset", "MoE-4", "--corpus", missing, "--out", str(tmp_path)],
          f"corpus: {missing} is not a file"),
-        (["lm", "eval", "--checkpoint", str(tmp_path)], "checkpoint: no checkpoint.pt in"),
+        (["lm", "eval", "--checkpoint", str(tmp_path)],
+         "checkpoint: no checkpoint.pt or checkpoint/ in"),
     ]:
         with pytest.raises(SystemExit, match="2"):
             main(argv)

@@ -281,7 +281,7 @@ def test_bad_corpus_and_out_are_found_before_training(corpus_file, tmp_path, cap
         main(["lm", "eval", "--checkpoint", str(tmp_path)])
     assert exited.value.code == 2
     assert capsys.readouterr().err.endswith(f"sparsemoe lm eval: error: checkpoint: no "
-                                            f"checkpoint.pt in {tmp_path}\n")
+                                            f"checkpoint.pt or checkpoint/ in {tmp_path}\n")
 
 
 FROZEN_RANK = """

@@ -16,10 +16,13 @@ stop, a non-finite loss stops without saving). A run resumes when its configurat
 apart from paths (the run directory; corpus files are compared by their resolved location) and
 the length of training (``steps``, ``time_budget``); a finished run reports without retraining.
 
-With expert parallelism (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`, under
-``torchrun``) the MoE layers' experts are spread over the ranks and each rank trains on its
-share of every batch's streams; the checkpoint is the single-process one, so a run can be
-resumed on another number of ranks or on one process, and back. Only rank 0 writes and logs.
+On a device mesh (:class:`~sparsemoe.experiments.processes.ExpertParallelRanks`, under
+``torchrun``) the MoE layers' experts are spread over the "ep" ranks, FSDP2 shards the rest, and
+each rank trains on its share of every batch's streams. Such a run writes a distributed
+checkpoint, the folder ``checkpoint/`` (:mod:`sparsemoe.parallel.checkpoint`: every rank its
+shards, the model and optimiser in the single-process layout, the rest in ``extra.pt``); a run
+resumes from the later of ``checkpoint.pt`` and ``checkpoint/``, on any mesh shape or on one
+process. Only rank 0 logs and writes the files that are not shards.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 
 from .._checks import check_choice, check_int, check_number, deprecated_alias
 from ..balancing import update_expert_biases
@@ -42,19 +46,23 @@ from ..module import MoEModule, aux_loss, coefficient_of_variation, max_over_mea
 from ..optim import FactoredAdam, param_groups
 from ..parallel import (
     exchange_stats,
-    full_optimizer_state_dict,
-    full_state_dict,
-    load_full_optimizer_state_dict,
-    load_full_state_dict,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    sharded_checkpoint_extra,
+    sharded_checkpoint_path,
 )
 from . import runs
 from .processes import ONE_PROCESS, OneProcess
 from .runs import CHECKPOINT, METRICS
 
+SHARDED_CHECKPOINT = "checkpoint"
 OPTIMIZERS = ("adam", "factored-adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine")
 CHECKPOINT_KEYS = ("config", "model_config", "vocab", "model", "optimizer", "scheduler", "data",
                    "rng", "recurrent_state", "step", "train_seconds", "history")
+EXTRA_KEYS = tuple(k for k in CHECKPOINT_KEYS if k not in ("model", "optimizer"))
+"""The keys of a distributed checkpoint's ``extra.pt``: the model and the optimiser are its
+shards."""
 
 
 def _help(text: str, **cli) -> dict:
@@ -171,13 +179,52 @@ def _lr_schedule(cfg: LMTrainConfig):
     return lambda s: cosine_factor(s, cfg.warmup, total)
 
 
-def _adamw(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.AdamW:
+def latest_checkpoint(run_dir: str | Path) -> tuple[dict, Path | None] | None:
+    """The later checkpoint of a run directory, ``checkpoint.pt`` or the distributed
+    ``checkpoint/`` (the latter on a tie): ``(dictionary, None)`` for the file (every key of
+    :data:`CHECKPOINT_KEYS`), ``(extra values, folder)`` for the folder (:data:`EXTRA_KEYS`;
+    the model and optimiser load from its shards); None where there is neither.
+
+    Raises:
+        RunError: a checkpoint is corrupt or lacks keys.
+    """
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / CHECKPOINT).exists():
+        found.append((runs.load_checkpoint(run_dir / CHECKPOINT, CHECKPOINT_KEYS), None))
+    folder = sharded_checkpoint_path(run_dir / SHARDED_CHECKPOINT)
+    if folder is not None:
+        extra = sharded_checkpoint_extra(folder)
+        missing = [k for k in EXTRA_KEYS if k not in extra]
+        if missing:
+            raise runs.RunError(f"{folder} is not a checkpoint of this kind: it lacks {missing}")
+        found.append((extra, folder))
+    return max(found, key=lambda f: (f[0]["step"], f[1] is not None)) if found else None
+
+
+def _optimizer(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimizer:
+    """``cfg.optimizer`` over ``model``'s parameters."""
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())
+    if cfg.optimizer == "factored-adam":
+        if sharded:
+            raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that are not "
+                             "shaped like the FSDP2 shards of their parameters; use optimizer "
+                             "'adam' or 'adamw' on a device mesh")
+        return FactoredAdam(param_groups(model), lr=cfg.lr)
+    if cfg.optimizer == "adamw":
+        return _adamw(model, cfg, fused=not sharded)
+    # fused: one pass per parameter, faster than the foreach implementation for the large
+    # expert banks (BENCHMARKS.md); not for DTensors
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=not sharded)
+
+
+def _adamw(model: torch.nn.Module, cfg: LMTrainConfig, fused: bool) -> torch.optim.AdamW:
     """AdamW (β2 = 0.95) with weight decay on the matrices and expert banks (dimension ≥ 2),
     none on norms and biases, as nanoGPT."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=True)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 @torch.no_grad()
@@ -289,10 +336,10 @@ class Trainer(runs.TrainingRun):
         self.processes = processes
         self.root = processes.rank == 0
         self.progress = progress and self.root
-        ckpt_path = self.out / CHECKPOINT
-        self.ckpt = runs.load_checkpoint(ckpt_path, CHECKPOINT_KEYS) \
-            if ckpt_path.exists() else None
+        latest = latest_checkpoint(self.out)
+        self.ckpt, self.ckpt_folder = latest if latest is not None else (None, None)
         if self.ckpt is not None:
+            ckpt_path = self.ckpt_folder or self.out / CHECKPOINT
             changed = runs.config_differences(resume_key(self.ckpt["config"]), resume_key(cfg))
             if changed:
                 raise runs.RunError(f"{ckpt_path} was written by a different configuration "
@@ -313,18 +360,7 @@ class Trainer(runs.TrainingRun):
         torch.manual_seed(cfg.seed)
         self.model_cfg = cfg.model_config(len(self.corpus.vocab))
         self.model = processes.prepare(build_model(cfg.arch, self.model_cfg))
-        if cfg.optimizer == "factored-adam":
-            if processes.world_size > 1:
-                raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that "
-                                 "expert-parallel checkpoints cannot reshard yet; use "
-                                 f"optimizer 'adam' with {processes.world_size} ranks")
-            self.opt = FactoredAdam(param_groups(self.model), lr=cfg.lr)
-        elif cfg.optimizer == "adamw":
-            self.opt = _adamw(self.model, cfg)
-        else:
-            # fused: one pass per parameter, faster than the foreach implementation for
-            # the large expert banks (BENCHMARKS.md)
-            self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, fused=True)
+        self.opt = _optimizer(self.model, cfg)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_schedule(cfg))
         self.batcher = StreamBatcher(self.corpus.train, cfg.batch_size, cfg.bptt, cfg.seed)
         self.state = None
@@ -338,8 +374,13 @@ class Trainer(runs.TrainingRun):
             self._restore(self.ckpt)
 
     def _restore(self, ck: dict) -> None:
-        load_full_state_dict(self.model, ck["model"])
-        load_full_optimizer_state_dict(self.model, self.opt, ck["optimizer"])
+        if self.ckpt_folder is None and self.processes.sharded:
+            self.ckpt_folder = self._shard_single_file(ck)
+        if self.ckpt_folder is not None:
+            load_sharded_checkpoint(self.ckpt_folder, self.model, self.opt)
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
         self.sched.load_state_dict(ck["scheduler"])
         self.batcher.load_state_dict(ck["data"])
         rng = ck["rng"]
@@ -350,31 +391,54 @@ class Trainer(runs.TrainingRun):
         self.step, self.train_seconds, self.history = ck["step"], ck["train_seconds"], \
             ck["history"]
 
+    def _shard_single_file(self, ck: dict) -> Path:
+        """``checkpoint.pt`` rewritten as the distributed ``checkpoint/`` by rank 0 (a model
+        and an optimiser on one process load it and save their state as shards), for a run on
+        a mesh to load its shards from."""
+        folder = self.out / SHARDED_CHECKPOINT
+        if self.root:
+            whole = build_model(self.cfg.arch, self.model_cfg)
+            opt = _optimizer(whole, self.cfg)
+            whole.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            save_sharded_checkpoint(folder, whole, opt,
+                                    extra={k: ck[k] for k in EXTRA_KEYS})
+        dist.barrier()
+        return folder
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / (SHARDED_CHECKPOINT if self.processes.sharded else CHECKPOINT)
+
     def save(self) -> None:
-        """Write the checkpoint in the single-process layout (every process must call it).
+        """Write the checkpoint in the single-process layout: ``checkpoint.pt`` from one
+        process, the distributed ``checkpoint/`` from a mesh (every process must call it).
 
         Raises:
             RunError: a parameter is not finite; the last good checkpoint is kept.
         """
-        finite = all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
+        finite = all(bool(torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all())
+                     for p in self.model.parameters())
         if float(self.processes.sum(torch.tensor(float(not finite)))) > 0:  # any rank's experts
             raise runs.RunError(f"a parameter is not finite at step {self.step}: training "
                                 f"diverged and stopped; the last good checkpoint "
-                                f"{self.out / CHECKPOINT} is kept")
+                                f"{self.checkpoint_path} is kept")
         state = None if self.state is None else tuple(
             tuple(self.processes.gather_streams(t, dim=1).cpu() for t in layer)
             for layer in self.state)
-        ck = {
+        extra = {
             "config": asdict(self.cfg), "model_config": asdict(self.model_cfg),
-            "vocab": self.corpus.vocab.words, "model": full_state_dict(self.model),
-            "optimizer": full_optimizer_state_dict(self.model, self.opt),
-            "scheduler": self.sched.state_dict(), "data": self.batcher.state_dict(),
-            "rng": self.processes.rng_states(), "recurrent_state": state, "step": self.step,
-            "train_seconds": self.train_seconds, "history": self.history,
+            "vocab": self.corpus.vocab.words, "scheduler": self.sched.state_dict(),
+            "data": self.batcher.state_dict(), "rng": self.processes.rng_states(),
+            "recurrent_state": state, "step": self.step, "train_seconds": self.train_seconds,
+            "history": self.history,
         }
-        if self.root:
+        if self.processes.sharded:
+            save_sharded_checkpoint(self.out / SHARDED_CHECKPOINT, self.model, self.opt, extra)
+        else:
             self.out.mkdir(parents=True, exist_ok=True)
-            runs.save_checkpoint(self.out / CHECKPOINT, ck)
+            runs.save_checkpoint(self.out / CHECKPOINT, {
+                **extra, "model": self.model.state_dict(), "optimizer": self.opt.state_dict()})
 
     def train_step(self) -> float:
         """One optimiser step; returns the cross-entropy of the whole batch (without the
@@ -473,14 +537,20 @@ class Trainer(runs.TrainingRun):
 
 
 def load_trained(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict]:
-    """The model saved in a run directory, and the checkpoint dictionary."""
-    path = Path(checkpoint_dir) / CHECKPOINT
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint: no {CHECKPOINT} in {checkpoint_dir}")
-    ck = runs.load_checkpoint(path, CHECKPOINT_KEYS)
+    """The model saved in a run directory (its later checkpoint, :func:`latest_checkpoint`)
+    on one process, and the checkpoint dictionary (without model and optimiser for a
+    distributed checkpoint)."""
+    latest = latest_checkpoint(checkpoint_dir)
+    if latest is None:
+        raise FileNotFoundError(f"checkpoint: no {CHECKPOINT} or {SHARDED_CHECKPOINT}/ in "
+                                f"{checkpoint_dir}")
+    ck, folder = latest
     arch = ck["config"].get("arch", "lstm")
     model = build_model(arch, architecture(arch).config(**ck["model_config"]))
-    model.load_state_dict(ck["model"])
+    if folder is None:
+        model.load_state_dict(ck["model"])
+    else:
+        load_sharded_checkpoint(folder, model)
     return model.eval(), ck
 
 

@@ -1,7 +1,8 @@
 """How a training run uses its processes: all of it in this one (:class:`OneProcess`, the
-default), or spread over the ranks of a ``torch.distributed`` process group with expert
-parallelism (:class:`ExpertParallelRanks`, ``sparsemoe lm train --expert-parallel`` under
-``torchrun``).
+default), or spread over the ranks of a ``torch.distributed`` process group on a ``dp × ep``
+device mesh (:class:`ExpertParallelRanks`, ``sparsemoe lm train --expert-parallel`` and/or
+``--data-parallel N`` under ``torchrun``): the experts over "ep", FSDP2 over "dp" and the whole
+mesh (:func:`sparsemoe.parallel.parallelize`).
 
 The trainer is written once against :class:`OneProcess`'s methods; the distributed version
 overrides them, so the training loop holds no ``if distributed:``. With ``W`` ranks every
@@ -21,16 +22,19 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from .. import parallel
-from .._checks import check_number
+from .._checks import check_int, check_number
 
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 600.0
 """Seconds a collective waits for the other ranks (torch's own default is 30 minutes). Long
 enough for rank 0 to read a large corpus while the others wait (``root_first``), short enough
-that a frozen rank ends the job within minutes."""
+that a frozen rank ends the job within minutes. A rank that dies closes its connections, and
+the others' next collective fails at once rather than after the timeout. The mesh's groups
+take the same timeout (:func:`sparsemoe.parallel.parallelize`)."""
 
 
 class OneProcess:
@@ -62,8 +66,14 @@ class OneProcess:
         return t
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
-        """Make the gradients those of the whole batch's loss and clip their global norm."""
+        """Clip the norm of the whole model's gradient (that of the whole batch's loss)."""
         return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the model's state is spread over processes (checkpoints are then
+        distributed, :mod:`sparsemoe.parallel.checkpoint`)."""
+        return False
 
     def rng_states(self) -> list[Tensor]:
         """The CPU random state of every process, in rank order (rank 0 gets them all)."""
@@ -78,25 +88,39 @@ class OneProcess:
 
 
 class ExpertParallelRanks(OneProcess):
-    """A run over the ranks of the default process group: the MoE layers' experts are spread
-    over the ranks (:func:`sparsemoe.parallel.expert_parallel`), everything else is
-    data-parallel (:class:`sparsemoe.parallel.GradientSync`).
+    """A run over the ranks of the default process group on a ``dp × ep`` device mesh
+    (:func:`sparsemoe.parallel.parallelize`): the MoE layers' experts spread over the ep
+    groups, FSDP2 over the dp groups for the experts and over every rank for the rest.
 
     Build it with :meth:`start` in a process that ``torchrun`` launched (or after
     ``torch.distributed.init_process_group``). Every rank draws dropout masks and gating noise
     from a random stream of its own.
+
+    Args:
+        device: this rank's device.
+        data_parallel: ``dp``, the size of the mesh's "dp" dimension; ``ep = W / dp``.
+
+    Raises:
+        ValueError: ``data_parallel`` does not divide the number of ranks.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, data_parallel: int = 1) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelRanks needs an initialised default process group; "
                                "use ExpertParallelRanks.start() under torchrun")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        check_int("data_parallel", data_parallel)
+        if self.world_size % data_parallel:
+            raise ValueError(f"data_parallel ({data_parallel}) must divide the number of ranks "
+                             f"({self.world_size}): the mesh is data_parallel × "
+                             f"(ranks / data_parallel)")
         self.device = device
-        self.sync: parallel.GradientSync | None = None
+        self.mesh = init_device_mesh(device.type, (data_parallel, self.world_size // data_parallel),
+                                     mesh_dim_names=parallel.MESH_DIMS)
 
     @classmethod
-    def start(cls, timeout: float = DEFAULT_TIMEOUT) -> ExpertParallelRanks:
+    def start(cls, timeout: float = DEFAULT_TIMEOUT, data_parallel: int = 1
+              ) -> ExpertParallelRanks:
         """Join the process group that ``torchrun`` describes in the environment: NCCL and
         the GPU ``LOCAL_RANK`` where CUDA is available, gloo on the CPU otherwise.
 
@@ -104,6 +128,7 @@ class ExpertParallelRanks(OneProcess):
             timeout: seconds a collective (and the start-up rendezvous) may wait for the other
                 ranks before it fails, so that a stopped or frozen rank ends the job instead
                 of holding the others for torch's default 30 minutes.
+            data_parallel: the mesh's "dp" size (see the class).
 
         Raises:
             RuntimeError: the environment does not describe a process group.
@@ -124,13 +149,16 @@ class ExpertParallelRanks(OneProcess):
         else:
             device = torch.device("cpu")
             dist.init_process_group("gloo", timeout=wait)
-        return cls(device)
+        return cls(device, data_parallel)
+
+    @property
+    def sharded(self) -> bool:
+        return True
 
     def prepare(self, model: nn.Module) -> nn.Module:
         # The same weights on every rank (the same seed) before sharding: the run starts from
         # the single-process model.
-        model = parallel.expert_parallel(model).to(self.device)
-        self.sync = parallel.GradientSync(model)
+        model = parallel.parallelize(model.to(self.device), self.mesh)
         self._fork_rng()
         return model
 
@@ -159,8 +187,7 @@ class ExpertParallelRanks(OneProcess):
         return t
 
     def clip_grad_norm_(self, model: nn.Module, max_norm: float) -> Tensor:
-        self.sync.sync()
-        return self.sync.clip_grad_norm_(max_norm)
+        return parallel.clip_grad_norm_(model, max_norm)
 
     def rng_states(self) -> list[Tensor]:
         states = [None] * self.world_size

@@ -328,6 +328,11 @@ class TrainingRun(abc.ABC):
         return self.cfg.preset or type(self).__name__
 
     @property
+    def checkpoint_path(self) -> Path:
+        """Where :meth:`save` writes (named in the messages of a stop)."""
+        return self.out / CHECKPOINT
+
+    @property
     @abc.abstractmethod
     def tokens_trained(self) -> int:
         """Tokens trained on so far (the progress bar's tokens/s)."""
@@ -390,7 +395,7 @@ class TrainingRun(abc.ABC):
         while not self.done():
             t0 = time.perf_counter()
             ce = self.train_step()
-            check_finite_loss(ce, self.step + 1, self.out / CHECKPOINT)
+            check_finite_loss(ce, self.step + 1, self.checkpoint_path)
             self.train_seconds += time.perf_counter() - t0
             self.step += 1
             self.history["step"].append(self.step)
@@ -414,7 +419,7 @@ class TrainingRun(abc.ABC):
                 bar.close()
                 self.save()
                 raise interrupted(stop.signum or signal.SIGTERM, self.step,
-                                  self.out / CHECKPOINT)
+                                  self.checkpoint_path)
         bar.close()
         self.save()
         return self.finish()

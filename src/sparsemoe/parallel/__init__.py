@@ -34,6 +34,13 @@ Index letters: ``W`` ranks, ``n`` experts, ``n_l = n/W`` experts per rank, ``N``
 rank sends, ``M`` rows this rank's experts compute, ``d`` width.
 """
 
+from .checkpoint import (
+    consolidate,
+    load_sharded_checkpoint,
+    save_sharded_checkpoint,
+    sharded_checkpoint_extra,
+    sharded_checkpoint_path,
+)
 from .exchange import (
     ExchangeStats,
     ExpertParallel,
@@ -44,6 +51,7 @@ from .exchange import (
     rank_seeded,
     shard_experts,
 )
+from .mesh import MESH_DIMS, clip_grad_norm_, parallelize
 from .model import (
     GradientSync,
     exchange_stats,
@@ -55,19 +63,27 @@ from .model import (
 )
 
 __all__ = [
+    "MESH_DIMS",
     "ExchangeStats",
     "ExpertParallel",
     "GradientSync",
     "ProcessGroup",
     "all_to_all",
+    "clip_grad_norm_",
+    "consolidate",
     "exchange_stats",
     "expert_parallel",
     "full_optimizer_state_dict",
     "full_state_dict",
     "load_full_optimizer_state_dict",
     "load_full_state_dict",
+    "load_sharded_checkpoint",
     "local_share",
+    "parallelize",
     "rank_seed",
     "rank_seeded",
+    "save_sharded_checkpoint",
     "shard_experts",
+    "sharded_checkpoint_extra",
+    "sharded_checkpoint_path",
 ]

@@ -1,12 +1,15 @@
 """Expert parallelism at the level of a model: shard its MoE layers
 (:func:`expert_parallel`), save and load the single-process layout of its state and its
-optimizer's state, and synchronise its gradients (:class:`GradientSync`).
+optimizer's state, and synchronise its gradients (:class:`GradientSync`, deprecated for
+:func:`~sparsemoe.parallel.parallelize`).
 
 Above the layers' protocol: it finds MoE layers as :class:`~sparsemoe.module.MoEModule`
 instances and imports no layer class.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -203,7 +206,9 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
 
 
 class GradientSync:
-    """The gradient step of expert-parallel training, made explicit.
+    """The gradient step of expert-parallel training, made explicit. Deprecated: use
+    :func:`~sparsemoe.parallel.parallelize` on a ``("dp", "ep")`` device mesh (FSDP2 reduces
+    the gradients) and :func:`~sparsemoe.parallel.clip_grad_norm_`.
 
     Each rank ``r`` computes its loss ``L_r`` on its own tokens; the step minimises their mean
     ``L = (1/W) Σ_r L_r``, exactly what one process does with all the tokens. Hence:
@@ -237,6 +242,9 @@ class GradientSync:
     """
 
     def __init__(self, model: nn.Module, group: ProcessGroup | None = None) -> None:
+        warnings.warn("sparsemoe.parallel.GradientSync is deprecated: use "
+                      "sparsemoe.parallel.parallelize(model, mesh) and "
+                      "sparsemoe.parallel.clip_grad_norm_", DeprecationWarning, stacklevel=2)
         banks = _expert_banks(model)
         if banks:
             experts_group = _common_group(banks)

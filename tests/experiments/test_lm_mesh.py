@@ -1,0 +1,101 @@
+"""The language-model trainer on a device mesh (gloo, 4 ranks): the loss curve of a run that
+moves between meshes and one process equals the curve of one process, step for step."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import replace
+
+import pytest
+import torch.multiprocessing as mp
+from lm_mesh_checks import mesh_rank
+
+from sparsemoe.experiments.lm import SHARDED_CHECKPOINT, LMTrainConfig, Trainer, load_trained
+
+WORLD = 4
+
+
+def exact_config(corpus_file, out, steps):
+    """A tiny MoE Transformer whose distributed run is the single-process one: no dropout,
+    a deterministic top-k router and no balancing loss (each rank's would be its own tokens')."""
+    return LMTrainConfig(arch="transformer", corpus=(corpus_file,), vocab_size=None,
+                         preset=None, batch_size=WORLD, bptt=5, steps=steps, decay_steps=20,
+                         eval_every=5, eval_tokens=60, warmup=3, lr=1e-2, out=str(out),
+                         model={"router": "top-k", "num_experts": 4, "k": 2, "d_model": 8,
+                                "n_layers": 1, "n_heads": 2, "ffn_hidden": 16, "hidden": 8,
+                                "w_switch": 0.0})
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0, fails=False):
+    out = tmp_path / name
+    out.mkdir()
+    ctx = mp.start_processes(mesh_rank, args=(WORLD, free_port(), data_parallel, cfg, str(out)),
+                             nprocs=WORLD, join=False, start_method="forkserver")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the mesh run did not finish within {timeout:.0f} s")
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    if fails:
+        return results
+    failed = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if not res["ok"]]
+    assert not failed, "\n".join(failed)
+    return results
+
+
+def test_loss_curve_through_meshes_equals_one_process(corpus_file, tmp_path):
+    """One process 0-5 (checkpoint.pt), mesh 2x2 5-10, mesh 1x4 10-15 (distributed
+    checkpoints), one process 15-20, against 20 steps on one process."""
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    whole = Trainer(exact_config(corpus_file, tmp_path / "one", 20), progress=False).run()
+    run = tmp_path / "moving"
+    Trainer(exact_config(corpus_file, run, 5), progress=False).run()
+    on_2x2 = run_on_mesh(exact_config(corpus_file, run, 10), 2, tmp_path, "2x2")
+    on_1x4 = run_on_mesh(exact_config(corpus_file, run, 15), 1, tmp_path, "1x4")
+    assert [r["mesh"] for r in on_2x2 + on_1x4] == [[2, 2]] * WORLD + [[1, 4]] * WORLD
+    assert (run / SHARDED_CHECKPOINT / ".metadata").is_file()
+    moved = Trainer(exact_config(corpus_file, run, 20), progress=False).run()
+    assert moved["steps"] == 20
+    want, got = whole["history"]["train_loss"], moved["history"]["train_loss"]
+    assert len(got) == 20
+    worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
+    print(f"largest loss difference over 20 steps: {worst:.1e}")
+    assert worst < 1e-4, " ".join(f"{a - b:.1e}" for a, b in zip(got, want, strict=True))
+    assert moved["test_perplexity"] == pytest.approx(whole["test_perplexity"], rel=1e-4)
+    assert all(r["train_loss"] == on_1x4[0]["train_loss"] for r in on_1x4)  # every rank
+
+
+def test_a_mesh_run_evaluates_on_one_process(corpus_file, tmp_path):
+    """``load_trained`` reads the distributed checkpoint into a model on one process."""
+    cfg = exact_config(corpus_file, tmp_path / "run", 5)
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    run_on_mesh(cfg, 2, tmp_path, "2x2")
+    model, ck = load_trained(tmp_path / "run")
+    assert ck["step"] == 5 and "model" not in ck
+    reference = Trainer(replace(cfg, out=str(tmp_path / "one")), progress=False)
+    reference.run()
+    for (name, p), q in zip(model.state_dict().items(),
+                            reference.model.state_dict().values(), strict=True):
+        assert (p - q).abs().max() < 1e-5, name
+
+
+def test_factored_adam_is_refused_on_a_mesh(corpus_file, tmp_path):
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    cfg = replace(exact_config(corpus_file, tmp_path / "run", 2), optimizer="factored-adam")
+    for result in run_on_mesh(cfg, 2, tmp_path, "2x2", fails=True):
+        assert not result["ok"]
+        assert result["error"].strip().splitlines()[-1] == (
+            "ValueError: optimizer 'factored-adam' keeps per-matrix factors that are not shaped "
+            "like the FSDP2 shards of their parameters; use optimizer 'adam' or 'adamw' on a "
+            "device mesh")
