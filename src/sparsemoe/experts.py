@@ -229,7 +229,9 @@ class ModuleListExperts(nn.Module):
     """Arbitrary expert modules, each mapping ``[N_e, d] -> [N_e, d_out]``.
 
     The general, slower path: one call per expert that received tokens (experts with no tokens
-    are skipped). Prefer :class:`FeedForwardExperts` when the experts are feed-forward layers.
+    are skipped), with the block sizes read on the host (a synchronisation on a GPU, a graph
+    break under ``torch.compile``). Prefer :class:`FeedForwardExperts` when the experts are
+    feed-forward layers.
     """
 
     def __init__(self, experts: Sequence[nn.Module]) -> None:
@@ -243,10 +245,15 @@ class ModuleListExperts(nn.Module):
         self.num_experts = len(self.experts)
 
     def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
-        sizes = routes.tokens_per_expert.tolist()
+        sizes = routes.tokens_per_expert.tolist()  # a host synchronisation: blocks of any size
+        computed = sum(sizes)
         blocks = [
             expert(xe)
-            for expert, xe, s in zip(self.experts, x.split(sizes), sizes, strict=True)
+            for expert, xe, s in zip(self.experts, x[:computed].split(sizes), sizes, strict=True)
             if s
         ]
-        return torch.cat(blocks) if blocks else self.experts[0](x)
+        if not blocks:  # no computed row: one call that keeps the output in the autograd graph
+            return self.experts[0](x)
+        if computed < x.shape[0]:  # rows of masked pairs (see SortedPairs)
+            blocks.append(blocks[0].new_zeros(x.shape[0] - computed, blocks[0].shape[1]))
+        return torch.cat(blocks)
