@@ -2,9 +2,11 @@
 
 Each round runs one worker process per tree (alternating which goes first); a worker imports
 ``sparsemoe`` from its tree and times the layer and the compute-matched dense FFN alternately
-(:func:`layer_speed.bench`'s protocol, plus an optional capacity). The table reports, per
-tree, the median over rounds of MoE ms and of MoE / dense (the dense FFN, the same code in
-both, absorbs the load of a shared machine), and after / before of both.
+(:func:`layer_speed.bench`'s protocol, plus an optional capacity), by the process's CPU time
+by default (``--clock cpu``: on a loaded machine it leaves out the time spent waiting for a
+core; run with one thread). The table reports, per tree, the median over rounds of MoE ms and
+of MoE / dense (the dense FFN, the same code in both, absorbs the rest of the machine's load),
+and after / before of both.
 
     git archive <commit> src | tar -x -C /tmp/before
     python benchmarks/eager_ab.py --before /tmp/before/src --after src --experts 8 64 --k 2
@@ -28,6 +30,7 @@ def worker(args: argparse.Namespace) -> None:
 
     import sparsemoe
 
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     rows = []
     for n in args.experts:
         for k in args.k:
@@ -43,11 +46,11 @@ def worker(args: argparse.Namespace) -> None:
 
             def run(model, x=x, grad=grad, moe=moe):
                 model.zero_grad(set_to_none=True)
-                start = time.perf_counter()
+                start = clock()
                 y = model(x)
                 loss = (y * grad).sum() + (model.aux_loss if model is moe else 0)
                 loss.backward()
-                return time.perf_counter() - start
+                return clock() - start
 
             run(moe), run(dense)  # warm-up
             times = {"moe": [], "dense": []}
@@ -70,6 +73,7 @@ def main() -> None:
     p.add_argument("--capacity", type=float, default=None, help="a capacity factor")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--src", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -85,7 +89,7 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             results[name].append(json.loads(out.strip().splitlines()[-1]))
     print(f"{args.tokens} tokens, d {args.d}, h {args.hidden}, capacity {args.capacity}, "
-          f"{args.rounds} rounds × {args.repeats} repeats")
+          f"{args.rounds} rounds × {args.repeats} repeats, {args.clock} clock")
     print(f"{'n':>4} {'k':>2} {'before ms':>9} {'after ms':>9} {'before/dense':>12} "
           f"{'after/dense':>11} {'after/before':>12}")
     for i, cell in enumerate(results["before"][0]):

@@ -55,10 +55,11 @@ class SortedPairs(NamedTuple):
     order kept).
 
     With a validity mask the pairs that are not computed (masked) sort behind every computed
-    pair: the computed pairs are the first ``tokens_per_expert.sum()`` rows, and the rows of
-    the masked ones in an expert bank's input and output hold no meaningful values (the
-    grouped matmul leaves them unwritten). Their number is never read on the host, so the
-    dispatch has no host synchronisation.
+    pair: the computed pairs are the first ``tokens_per_expert.sum()`` rows. The masked ones
+    still have rows in the expert bank's input and output, which are not computed
+    (:func:`grouped_matmul` returns 0 there) and which the combine reads as 0, whatever they
+    hold. Their number is never read on the host, so the dispatch has no host
+    synchronisation.
 
     Attributes:
         order: ``[N]`` position of each sorted pair in the flattened ``[T, k]`` routing grid.
