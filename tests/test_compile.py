@@ -134,3 +134,19 @@ def test_inductor_equals_eager():
         torch.testing.assert_close(got[0], want[0], rtol=1e-4, atol=1e-5)
         for name in want[2]:
             torch.testing.assert_close(got[2][name], want[2][name], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_weight_gradients_reuse_the_banks_memory():
+    """The compiled weight-gradient operator writes into the bank's GradientBuffers (no fresh
+    allocation per step); a deep copy uses its own pools."""
+    import copy
+
+    torch._dynamo.reset()
+    for layer in (_layer("top_k"), copy.deepcopy(_layer("top_k"))):
+        compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+        x = torch.randn(300, D)
+        _step(compiled, x, 0)
+        first = layer.experts.w1.grad.data_ptr()
+        _step(compiled, x, 0)  # zero_grad(set_to_none=True) freed the first gradient
+        assert layer.experts.w1.grad.data_ptr() == first
+        assert layer.experts.grad_buffers["w1"].nbytes == layer.experts.w1.numel() * 4

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import few_rows
 from ._checks import autocast_dtype, check_choice, deprecated_alias
-from .memory import GradientBuffers
+from .memory import GradientBuffers, pool_of
 
 GROUPED_MM_IMPLS = ("auto", "grouped_mm", "loop", "few_rows")
 """Implementations of :func:`grouped_matmul`: ``"grouped_mm"`` is torch's grouped GEMM,
@@ -277,8 +277,12 @@ def _(x, w, tokens_per_expert, impl, transpose):
 @torch.library.custom_op("sparsemoe::grouped_weight_grad", mutates_args=())
 def _grouped_weight_grad_op(x: Tensor, dy: Tensor, w: Tensor, tokens_per_expert: Tensor,
                             impl: str) -> Tensor:
-    """:func:`_weight_grad` of ``sparsemoe::grouped_matmul`` (``impl`` resolved as there)."""
-    return _weight_grad(x, dy, tokens_per_expert, _resolve_impl(impl, x, w))
+    """:func:`_weight_grad` of ``sparsemoe::grouped_matmul`` (``impl`` resolved as there),
+    written into the memory of the weight's :class:`~sparsemoe.memory.GradientBuffers` where
+    the expert bank attached one (:func:`~sparsemoe.memory.attach_pool`)."""
+    pool = pool_of(w) if w.device.type == "cpu" else None
+    out = None if pool is None else pool.take(w)
+    return _weight_grad(x, dy, tokens_per_expert, _resolve_impl(impl, x, w), out)
 
 
 @_grouped_weight_grad_op.register_fake
@@ -336,8 +340,9 @@ def grouped_matmul(
         grad_buffers: on a CPU, write ``w``'s gradient into memory this pool keeps across
             backward passes instead of a fresh allocation (see
             :class:`~sparsemoe.memory.GradientBuffers`; the gradient's value is the same).
-            Not used under autocast, ``torch.compile`` or on other devices, whose allocators
-            keep freed memory.
+            Not used under autocast or on other devices, whose allocators keep freed memory.
+            Under ``torch.compile`` the pool :func:`~sparsemoe.memory.attach_pool` attached to
+            ``w`` is used instead (the expert banks attach theirs).
 
     Returns:
         ``[N, q]``.

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_bool, check_choice, check_int
 from .dispatch import GROUPED_MM_IMPLS, SortedPairs, grouped_matmul
-from .memory import GradientBuffers
+from .memory import GradientBuffers, attach_pool
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -57,6 +57,19 @@ def _grad_buffers(reuse_grad_memory: bool, *names: str) -> dict[str, GradientBuf
     if check_bool("reuse_grad_memory", reuse_grad_memory):
         return {name: GradientBuffers() for name in names}
     return {}
+
+
+def _attach_pools(bank: nn.Module) -> None:
+    """Attach each pool of ``bank.grad_buffers`` to its weight, for compiled graphs."""
+    for name, pool in bank.grad_buffers.items():
+        attach_pool(getattr(bank, name), pool)
+
+
+def _setstate_attaching_pools(bank: nn.Module, state: dict) -> None:
+    """``__setstate__`` of the stacked banks: a copy (``deepcopy``, unpickling) attaches its
+    own pools to its own weights."""
+    nn.Module.__setstate__(bank, state)
+    _attach_pools(bank)
 
 
 def _stacked_affine(
@@ -128,6 +141,9 @@ class FeedForwardExperts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, width)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
+        _attach_pools(self)
+
+    __setstate__ = _setstate_attaching_pools
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an ``nn.Linear``: U(±1/√fan_in) for weights and biases."""
@@ -210,6 +226,9 @@ class LinearExperts(nn.Module):
         self.w = nn.Parameter(torch.empty(num_experts, d_in, d_out))
         self.b = nn.Parameter(torch.empty(num_experts, d_out)) if bias else None
         self.reset_parameters()
+        _attach_pools(self)
+
+    __setstate__ = _setstate_attaching_pools
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an ``nn.Linear``: U(±1/√d_in) for ``W`` and ``b``."""
