@@ -57,9 +57,9 @@ class SortedPairs(NamedTuple):
     With a validity mask the pairs that are not computed (masked) sort behind every computed
     pair: the computed pairs are the first ``tokens_per_expert.sum()`` rows. The masked ones
     still have rows in the expert bank's input and output, which are not computed
-    (:func:`grouped_matmul` returns 0 there) and which the combine reads as 0, whatever they
-    hold. Their number is never read on the host, so the dispatch has no host
-    synchronisation.
+    (:func:`grouped_matmul` returns 0 there; an expert bank must leave them finite) and which
+    the combine weighs with 0. Their number is never read on the host, so the dispatch has no
+    host synchronisation.
 
     Attributes:
         order: ``[N]`` position of each sorted pair in the flattened ``[T, k]`` routing grid.
@@ -371,11 +371,17 @@ def _inverse_permutation(routes: SortedPairs) -> Tensor:
 
 
 def _zero_masked(rows: Tensor, computed: Tensor | None) -> Tensor:
-    """``rows`` (``[N, ...]`` in sorted order) with the rows of masked pairs set to 0: they
-    were never written, so they may hold any bits, NaN included."""
+    """``rows`` (``[N, ...]`` in sorted order) with the rows of masked pairs set to 0."""
     if computed is None:
         return rows
     return torch.where(computed.view(-1, *[1] * (rows.dim() - 1)), rows, 0)
+
+
+def _grid_weights(computed: Tensor | None, inverse: Tensor) -> Tensor | None:
+    """``[T, k]`` 1 for a computed pair, 0 for a masked one, in grid order (None: all 1): the
+    per-pair weights with which the bag sums leave masked rows out (their values are finite:
+    the grouped matmul returns 0 there, and the experts map it to finite values)."""
+    return None if computed is None else computed[inverse]
 
 
 def _bag_sum(src: Tensor, index: Tensor, weights: Tensor | None) -> Tensor:
@@ -398,7 +404,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         inverse, computed = ctx.saved_tensors
-        return _bag_sum(_zero_masked(grad, computed), inverse, None), None, None, None
+        return _bag_sum(grad, inverse, _grid_weights(computed, inverse)), None, None, None
 
 
 def gather_tokens(x: Tensor, routes: SortedPairs, k: int) -> Tensor:
@@ -434,8 +440,8 @@ def unsort(values: Tensor, routes: SortedPairs) -> Tensor:
 
 
 class _Combine(torch.autograd.Function):
-    """``y[t] = Σ_j w[t, j] · y_sorted[inverse[t, j]]`` with hand-written gradients; the rows of
-    masked pairs count as 0.
+    """``y[t] = Σ_j w[t, j] · y_sorted[inverse[t, j]]`` with hand-written gradients; masked
+    pairs count with weight 0 and get no gradient.
 
     Forward: one ``embedding_bag`` (gather and weighted sum fused). Backward: the output
     gradient is gathered once per pair (``g[token_index]``); that one ``[N, d]`` buffer gives
@@ -447,19 +453,22 @@ class _Combine(torch.autograd.Function):
     def forward(ctx, y_sorted, weights, token_index, order, inverse,  # type: ignore[override]
                 computed):
         w = weights.to(y_sorted.dtype)
-        ctx.save_for_backward(y_sorted, w, token_index, order, computed)
+        ctx.save_for_backward(y_sorted, w, token_index, order, computed, inverse)
         ctx.weights_dtype = weights.dtype
-        return _bag_sum(_zero_masked(y_sorted, computed), inverse, w)
+        keep = _grid_weights(computed, inverse)
+        return _bag_sum(y_sorted, inverse, w if keep is None else w * keep)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        y_sorted, w, token_index, order, computed = ctx.saved_tensors
+        y_sorted, w, token_index, order, computed, inverse = ctx.saved_tensors
         g_rows = _bag_sum(grad, token_index[:, None], None)  # [N, d]: each pair's token gradient
         grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = torch.empty_like(w.reshape(-1))
-            grad_w[order] = torch.linalg.vecdot(g_rows, _zero_masked(y_sorted, computed))
-            grad_w = grad_w.view(w.shape).to(ctx.weights_dtype)
+            grad_w[order] = torch.linalg.vecdot(g_rows, y_sorted)
+            grad_w = grad_w.view(w.shape)
+            keep = _grid_weights(computed, inverse)
+            grad_w = (grad_w if keep is None else grad_w * keep).to(ctx.weights_dtype)
         w_sorted = _zero_masked(w.reshape(-1).index_select(0, order), computed)[:, None]
         # In place unless a double backward is recording this graph (vecdot has saved g_rows).
         grad_y = g_rows * w_sorted if torch.is_grad_enabled() else g_rows.mul_(w_sorted)
