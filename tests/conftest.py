@@ -15,7 +15,11 @@ def grouped_matmul_impls(monkeypatch):
     from sparsemoe import dispatch
 
     seen = []
-    inner = dispatch._grouped_matmul
-    monkeypatch.setattr(dispatch, "_grouped_matmul",
-                        lambda x, w, counts, impl: seen.append(impl) or inner(x, w, counts, impl))
+    inner = dispatch._resolve_impl
+
+    def resolve(impl, x, w):
+        seen.append(inner(impl, x, w))
+        return seen[-1]
+
+    monkeypatch.setattr(dispatch, "_resolve_impl", resolve)
     return seen

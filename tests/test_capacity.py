@@ -113,7 +113,7 @@ def test_masked_pairs_are_not_computed_and_add_nothing():
     ])
     torch.testing.assert_close(y, expected)
     # the un-permute puts the computed values back and zeros in masked cells
-    grid = unsort(routes.expert_index.double()[:, None] + 1, routes, 8).view(4, 2)
+    grid = unsort(routes.expert_index.double()[:, None] + 1, routes).view(4, 2)
     assert grid.tolist() == [[1, 0], [2, 3], [0, 0], [2, 1]]
 
 

@@ -71,3 +71,39 @@ def test_bfloat16_autocast_and_compile_on_cuda():
     assert y.dtype == torch.bfloat16 and torch.isfinite(layer.experts.w1.grad).all()
     compiled = torch.compile(layer.eval())
     torch.testing.assert_close(compiled(x), layer(x), rtol=1e-4, atol=1e-4)
+
+
+@cuda
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kind", ["noisy_top_k_capacity", "switch", "gshard"])
+def test_training_step_has_no_host_synchronisation(kind, autocast):
+    """Forward, backward and an optimiser step with the token-choice routers, capacity
+    included, under ``set_sync_debug_mode("error")``: any host synchronisation raises."""
+    torch.manual_seed(0)
+    router = {"noisy_top_k_capacity": sparsemoe.routers.NoisyTopKRouter(64, 8, 2),
+              "switch": sparsemoe.routers.SwitchRouter(64, 8),
+              "gshard": sparsemoe.routers.GShardRouter(64, 8)}[kind]
+    layer = sparsemoe.MoELayer(router, sparsemoe.FeedForwardExperts(8, 64, 128, bias=True),
+                               capacity=sparsemoe.Capacity(factor=0.5)).cuda()
+    with torch.no_grad():
+        for p in layer.router.parameters():
+            p.normal_()
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-3)
+    x = torch.randn(4, 256, 64, device="cuda")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+            loss = y.float().square().mean() + layer.aux_loss
+        loss.backward()
+        opt.step()
+
+    step()  # warm-up: kernels loaded, allocator primed
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert layer.stats.drop_fraction > 0  # read after the step: the statistics sync here

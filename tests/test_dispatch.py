@@ -15,19 +15,24 @@ def naive_grouped(x, w, counts):
 # (8, 4) float32 rows are 16-byte aligned and run on torch's grouped_mm; (5, 3) rows are not,
 # and "auto" must fall back to the loop for them.
 CASES = [("grouped_mm", torch.float32, 8, 4), ("loop", torch.float32, 8, 4),
-         ("loop", torch.float64, 8, 4), ("auto", torch.float32, 8, 4),
-         ("auto", torch.float32, 5, 3), ("auto", torch.float64, 5, 3)]
+         ("loop", torch.float64, 8, 4), ("few_rows", torch.float32, 8, 4),
+         ("auto", torch.float32, 8, 4), ("auto", torch.float32, 5, 3),
+         ("auto", torch.float64, 5, 3)]
 
 
 @pytest.mark.parametrize("impl,dtype,p,q", CASES)
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 0, 0], [0, 7, 0, 0], [1, 1, 1, 1]])
-def test_grouped_matmul_matches_rowwise(impl, dtype, p, q, counts):
+@pytest.mark.parametrize("masked", [0, 3])
+def test_grouped_matmul_matches_rowwise(impl, dtype, p, q, counts, masked):
+    """Block rows as the row-by-row product; ``masked`` rows after the blocks (masked pairs)
+    are 0 and pass no gradient, whatever the kernel leaves in its memory."""
     torch.manual_seed(0)
     counts = torch.tensor(counts)
-    x = torch.randn(int(counts.sum()), p, dtype=dtype, requires_grad=True)
+    computed = int(counts.sum())
+    x = torch.randn(computed + masked, p, dtype=dtype, requires_grad=True)
     w = torch.randn(4, p, q, dtype=dtype, requires_grad=True)
     out = grouped_matmul(x, w, counts, impl)
-    ref = naive_grouped(x, w, counts)
+    ref = torch.cat([naive_grouped(x[:computed], w, counts), x.new_zeros(masked, q)])
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     g = torch.randn_like(out)
@@ -114,7 +119,8 @@ def test_gather_and_combine_pass_gradcheck_and_gradgradcheck(masked):
 def test_combine_with_every_pair_masked_returns_zeros():
     idx = torch.zeros(3, 2, dtype=torch.long)
     r = sort_by_expert(idx, 2, torch.zeros(3, 2, dtype=torch.bool))
-    out = combine(torch.zeros(0, 4), torch.ones(3, 2), r)
+    # the rows of masked pairs are not computed; whatever finite values they hold count 0
+    out = combine(torch.randn(6, 4), torch.ones(3, 2), r)
     assert torch.equal(out, torch.zeros(3, 4))
 
 

@@ -110,7 +110,9 @@ class Capacity:
                 w = w.masked_fill(~valid, -torch.inf)
             priority = w.amax(1)
         cap = self.per_expert(group_size, k, num_experts)
-        if not (by_sequence and kept is not None):
+        if not by_sequence:
+            return capacity_mask(expert_indices, valid, num_experts, cap, priority=priority)
+        if kept is None:
             return capacity_mask(expert_indices, valid, num_experts, cap,
                                  group_size=group_size or None, priority=priority)
         # The routed tokens back in their sequences; padding pairs take no capacity.

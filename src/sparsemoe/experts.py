@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_bool, check_choice, check_int
 from .dispatch import GROUPED_MM_IMPLS, SortedPairs, grouped_matmul
-from .memory import GradientBuffers
+from .memory import GradientBuffers, attach_pool
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
@@ -57,6 +57,19 @@ def _grad_buffers(reuse_grad_memory: bool, *names: str) -> dict[str, GradientBuf
     if check_bool("reuse_grad_memory", reuse_grad_memory):
         return {name: GradientBuffers() for name in names}
     return {}
+
+
+def _attach_pools(bank: nn.Module) -> None:
+    """Attach each pool of ``bank.grad_buffers`` to its weight, for compiled graphs."""
+    for name, pool in bank.grad_buffers.items():
+        attach_pool(getattr(bank, name), pool)
+
+
+def _setstate_attaching_pools(bank: nn.Module, state: dict) -> None:
+    """``__setstate__`` of the stacked banks: a copy (``deepcopy``, unpickling) attaches its
+    own pools to its own weights."""
+    nn.Module.__setstate__(bank, state)
+    _attach_pools(bank)
 
 
 def _stacked_affine(
@@ -128,6 +141,9 @@ class FeedForwardExperts(nn.Module):
         self.b1 = nn.Parameter(torch.empty(num_experts, width)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model)) if bias else None
         self.reset_parameters()
+        _attach_pools(self)
+
+    __setstate__ = _setstate_attaching_pools
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an ``nn.Linear``: U(±1/√fan_in) for weights and biases."""
@@ -210,6 +226,9 @@ class LinearExperts(nn.Module):
         self.w = nn.Parameter(torch.empty(num_experts, d_in, d_out))
         self.b = nn.Parameter(torch.empty(num_experts, d_out)) if bias else None
         self.reset_parameters()
+        _attach_pools(self)
+
+    __setstate__ = _setstate_attaching_pools
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an ``nn.Linear``: U(±1/√d_in) for ``W`` and ``b``."""
@@ -229,7 +248,9 @@ class ModuleListExperts(nn.Module):
     """Arbitrary expert modules, each mapping ``[N_e, d] -> [N_e, d_out]``.
 
     The general, slower path: one call per expert that received tokens (experts with no tokens
-    are skipped). Prefer :class:`FeedForwardExperts` when the experts are feed-forward layers.
+    are skipped), with the block sizes read on the host (a synchronisation on a GPU, a graph
+    break under ``torch.compile``). Prefer :class:`FeedForwardExperts` when the experts are
+    feed-forward layers.
     """
 
     def __init__(self, experts: Sequence[nn.Module]) -> None:
@@ -243,10 +264,15 @@ class ModuleListExperts(nn.Module):
         self.num_experts = len(self.experts)
 
     def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
-        sizes = routes.tokens_per_expert.tolist()
+        sizes = routes.tokens_per_expert.tolist()  # a host synchronisation: blocks of any size
+        computed = sum(sizes)
         blocks = [
             expert(xe)
-            for expert, xe, s in zip(self.experts, x.split(sizes), sizes, strict=True)
+            for expert, xe, s in zip(self.experts, x[:computed].split(sizes), sizes, strict=True)
             if s
         ]
-        return torch.cat(blocks) if blocks else self.experts[0](x)
+        if not blocks:  # no computed row: one call that keeps the output in the autograd graph
+            return self.experts[0](x)
+        if computed < x.shape[0]:  # rows of masked pairs (see SortedPairs)
+            blocks.append(blocks[0].new_zeros(x.shape[0] - computed, blocks[0].shape[1]))
+        return torch.cat(blocks)

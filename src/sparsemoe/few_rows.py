@@ -211,8 +211,10 @@ class FewRowsMatmul(torch.autograd.Function):
                 dx = FewRowsMatmul.apply(dy, w.transpose(1, 2), tokens_per_expert)
             if need_w:
                 sizes = tokens_per_expert.tolist()
+                rows = sum(sizes)  # the rows after them belong to masked pairs
                 dw = torch.stack([xe.t() @ ge for xe, ge in
-                                  zip(x.split(sizes), dy.split(sizes), strict=True)])
+                                  zip(x[:rows].split(sizes), dy[:rows].split(sizes),
+                                      strict=True)])
             return dx, dw, None
         if need_x:
             dx = input_grad(dy, w, tokens_per_expert)

@@ -445,6 +445,19 @@ def switch_loss(probs: Tensor, expert_indices: Tensor, valid: Tensor | None = No
     return n * (f * probs.mean(0)).sum()
 
 
+def logsumexp(logits: Tensor) -> Tensor:
+    """``log Σ_i exp(logits_i)`` over the last dimension, shifted by the row maximum as
+    ``torch.logsumexp`` is (``-inf`` for a row of ``-inf``): the same value, but traceable by
+    ``torch.compile`` with a data-dependent (unbacked) number of rows, on which torch's own
+    decomposition guards.
+
+    Shape: ``[..., n] -> [...]``.
+    """
+    shift = logits.detach().amax(-1, keepdim=True)
+    shift = torch.where(shift.isinf(), 0.0, shift)
+    return (logits - shift).exp().sum(-1).log() + shift.squeeze(-1)
+
+
 def z_loss(logits: Tensor) -> Tensor:
     """The router z-loss of ST-MoE (Zoph et al. 2022, eq. 5), without its coefficient:
     ``L_z = (1/T) Σ_x (log Σ_i exp(logits(x)_i))²``; 0 for no tokens.
@@ -454,7 +467,7 @@ def z_loss(logits: Tensor) -> Tensor:
     """
     if logits.shape[0] == 0:
         return logits.sum() * 0.0
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    return logsumexp(logits).square().mean()
 
 
 def top_tokens_per_expert(scores: Tensor, m: int) -> Tensor:

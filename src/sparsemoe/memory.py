@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils.weak import WeakIdKeyDictionary
 
 T = TypeVar("T")
 
@@ -115,3 +116,18 @@ class GradientBuffers:
     def __repr__(self) -> str:
         return (f"GradientBuffers(capacity={self.capacity}, buffers={len(self._buffers)}, "
                 f"nbytes={self.nbytes})")
+
+
+_POOL_OF_WEIGHT = WeakIdKeyDictionary()  # weight -> its GradientBuffers (for compiled graphs)
+
+
+def attach_pool(weight: Tensor, pool: GradientBuffers) -> None:
+    """Make ``pool`` the gradient memory of ``weight`` where only the weight is at hand: inside
+    the compiled grouped matmul's weight-gradient operator, which receives the parameter but
+    no Python object (held weakly: forgotten with the parameter)."""
+    _POOL_OF_WEIGHT[weight] = pool
+
+
+def pool_of(weight: Tensor) -> GradientBuffers | None:
+    """The pool :func:`attach_pool` gave ``weight``, or None."""
+    return _POOL_OF_WEIGHT.get(weight)

@@ -217,6 +217,8 @@ class ExpertParallel(nn.Module):
         dt = autocast_dtype(x.device.type)
         if dt is not None:
             x = x.to(dt)
+        masked = x.shape[0] - sum(send_rows)  # rows of masked pairs, last (see SortedPairs)
+        x = x[:sum(send_rows)]
         x_recv = all_to_all(x, recv_rows, send_rows, self.group)  # [M, d]: by rank, then expert
         m = x_recv.shape[0]
         expert = torch.arange(n_local, device=x.device).repeat(w)
@@ -224,6 +226,8 @@ class ExpertParallel(nn.Module):
         local_routes = sort_by_expert(expert[:, None], n_local)
         y_local = self.local(gather_tokens(x_recv, local_routes, 1), local_routes)
         y = all_to_all(unsort(y_local, local_routes), send_rows, recv_rows, self.group)
+        if masked:
+            y = torch.cat([y, y.new_zeros(masked, y.shape[1])])
         self.last_exchange = ExchangeStats(
             rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
             bytes_in_row=x.shape[1] * x.element_size(),

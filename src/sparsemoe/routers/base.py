@@ -208,7 +208,7 @@ class LinearRouter(Router):
         """
         zero = logits.new_zeros(())
         tokens = zero + logits.shape[0]
-        z = torch.logsumexp(logits, -1).square().sum() if self.w_z else zero
+        z = MF.logsumexp(logits).square().sum() if self.w_z else zero
         if self.w_switch:
             counts = MF.pair_load(dispatched, self.num_experts, valid).to(probs.dtype)
             probs_sum = probs.sum(0)
