@@ -59,13 +59,16 @@ def test_needs_enough_samples():
 @pytest.mark.parametrize(("x_scale", "y_scale"), [(1.0, 1e-8), (1.0, 1e8), (1e-8, 1.0),
                                                   (1e8, 1.0), (1e3, 1e-5)])
 def test_fit_is_equivariant_to_the_scales_of_x_and_y(x_scale, y_scale):
-    """Standardised internally: scaling y scales the predictions, scaling X changes nothing
-    (up to where L-BFGS stops), and the fitted parameters describe the same function."""
+    """Standardised internally: scaling y scales the predictions, scaling X changes nothing,
+    and the fitted parameters describe the same function. The scaled data standardise to
+    values within rounding of the unscaled ones; L-BFGS, run until the gradient is below
+    ``tol``, ends at the same optimum from either (measured: predictions within 1e-6·sd(y),
+    gate within 5e-6, loss within 2e-11 relative; the tolerances leave 10-50×)."""
     x, y, _ = piecewise_linear(300)
     base = MetaPiRegressor(3, random_state=0).fit(x, y)
     scaled = MetaPiRegressor(3, random_state=0).fit(x * x_scale, y * y_scale)
     np.testing.assert_allclose(scaled.predict(x * x_scale) / y_scale, base.predict(x),
-                               atol=5e-3 * y.std())
-    assert scaled.score(x * x_scale, y * y_scale) == pytest.approx(base.score(x, y), abs=1e-4)
-    np.testing.assert_allclose(scaled.gate_proba(x * x_scale), base.gate_proba(x), atol=5e-3)
-    assert scaled.loss_ == pytest.approx(base.loss_, rel=5e-2)
+                               atol=2e-5 * y.std())
+    assert scaled.score(x * x_scale, y * y_scale) == pytest.approx(base.score(x, y), abs=1e-7)
+    np.testing.assert_allclose(scaled.gate_proba(x * x_scale), base.gate_proba(x), atol=1e-4)
+    assert scaled.loss_ == pytest.approx(base.loss_, rel=1e-9)

@@ -80,6 +80,7 @@ _TINY = {
     "linear_num_value_heads": 4,
     "linear_key_head_dim": 16,
     "linear_value_head_dim": 16,
+    "zero_expert_num": 2,
     "num_nextn_predict_layers": 0,
     "num_mtp_layers": 0,
     "vocab_size_per_layer_input": 128,
@@ -159,6 +160,11 @@ _FAMILY_FIELDS = {
     # a shared indexer needs a full one before it
     "hy_v4_vl": {"indexer_types": ["full", "shared"]},
     "hy_v4": {"indexer_types": ["full", "shared"]},
+    # its indexer scores keys with the query heads of key head 0 (4 heads over 4 key heads: 1)
+    "kolibri1_1": {"index_num_heads": 1},
+    # its indexed-attention layers always build the QSA indexer, whose sizes default to unset
+    "qwen4_exp": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                  "indexer_budget": 8, "indexer_compress_ratio": 4},
 }
 
 
@@ -202,8 +208,14 @@ def tiny_config(config_class: type, family: str = "", **overrides):
         value = _shrink(name, known[name], layers, _TINY.get(name))
         if value is not None or name in _TINY:
             fields[name] = value
-    if "qk_nope_head_dim" in fields:  # multi-head latent attention derives its head_dim
-        fields.pop("head_dim", None)
+    if "qk_nope_head_dim" in fields:
+        # multi-head latent attention derives its head_dim, unless head_dim is the rotary
+        # width (LongCat-Flash's RoPE reads head_dim)
+        rotary_width = known.get("qk_rope_head_dim")
+        if rotary_width is not None and known.get("head_dim") == rotary_width:
+            fields["head_dim"] = fields["qk_rope_head_dim"]
+        else:
+            fields.pop("head_dim", None)
     rope = getattr(defaults, "rope_parameters", None)
     modeling = sys.modules[config_class.__module__.replace(".configuration_", ".modeling_")]
     if isinstance(rope, dict) and "mrope_section" in inspect.getsource(modeling):
@@ -256,15 +268,19 @@ class FamilyResult:
 
 def _flags(module: nn.Module) -> str:
     """The decorator's layout flags of an experts module, in words."""
-    words = ["[gate; up]" if module.is_concatenated else "interleaved"]
+    if module.has_gate:
+        words = ["[gate; up]" if module.is_concatenated else "interleaved"]
+    else:
+        words = ["no gate"]
     words += ["transposed"] * module.is_transposed + ["bias"] * module.has_bias
-    words += ["no gate"] * (not module.has_gate)
     words += ["post-expert norm"] * getattr(module, "has_post_expert_norm", False)
     return ", ".join(words)
 
 
 def _experts_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if _is_experts_class(type(m))]
+    """The modules of ``model`` whose class is, or derives from, a decorated experts class
+    (Ergo's experts wrap the decorated projections in a ``forward`` of their own)."""
+    return [m for m in model.modules() if any(map(_is_experts_class, type(m).__mro__))]
 
 
 def check_family(family: str, grad: bool = False, tokens: int = 12, seed: int = 0) -> FamilyResult:
