@@ -2,6 +2,8 @@
 the check that a float32 layer equals a float64 reference in its output, auxiliary loss and every
 gradient."""
 
+import time
+
 import pytest
 import torch
 from reference import dense_moe, ffn_expert
@@ -114,3 +116,16 @@ def tiny_config(corpus_file, out, **kw):
                          model={"num_experts": 4, "k": 2, "hidden": 16, "d_model": 8},
                          batch_size=4, bptt=5, steps=6, eval_every=2, eval_tokens=200,
                          warmup=3, out=str(out), **kw)
+
+
+def join_within(ctx, timeout: float, what: str) -> None:
+    """Wait for the processes of ``ctx`` (``torch.multiprocessing.start_processes(...,
+    join=False)``); past ``timeout`` seconds kill them and fail the test (a guard against a
+    hang: ranks on a loaded 2-core machine start slowly)."""
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"{what} did not finish within {timeout:.0f} s")

@@ -4,12 +4,12 @@ big batch, in value and gradient; the bias update sums the ranks' loads."""
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from balancing_checks import aux_and_grads, global_batch, models, worker
+from helpers import join_within
 
 import sparsemoe
 from sparsemoe import FeedForwardExperts, MoE, MoELayer, balancing, routers
@@ -102,13 +102,7 @@ def ranks(tmp_path_factory):
     world, out = 2, tmp_path_factory.mktemp("balancing")
     ctx = mp.start_processes(worker, args=(world, f"file://{out / 'init'}", str(out)),
                              nprocs=world, join=False, start_method="forkserver")
-    deadline = time.monotonic() + 300.0  # against a hang; a loaded machine starts slowly
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2-rank run did not finish within 300 s")
+    join_within(ctx, 300.0, "the 2-rank run")
     return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 

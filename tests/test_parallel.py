@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import join_within
 from parallel_checks import worker
 
 from sparsemoe import MoE, parallel
@@ -54,13 +54,7 @@ def spawn(world: int, tmp_path, timeout: float = 300.0) -> dict:
     init = tmp_path / "init"
     ctx = mp.start_processes(worker, args=(world, f"file://{init}", str(tmp_path), plan(world)),
                              nprocs=world, join=False, start_method="forkserver")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the {world}-rank run did not finish within {timeout:.0f} s")
+    join_within(ctx, timeout, f"the {world}-rank run")
     per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
     return {name: [r.get(name, {"ok": False, "error": "not run"}) for r in per_rank]
             for name, _, _ in plan(world)}

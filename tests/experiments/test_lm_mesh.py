@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 from dataclasses import replace
 
 import pytest
 import torch.multiprocessing as mp
+from helpers import join_within
 from lm_mesh_checks import mesh_rank
 
 from sparsemoe.experiments.lm import SHARDED_CHECKPOINT, LMTrainConfig, Trainer, load_trained
@@ -39,13 +39,7 @@ def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0, fails=False):
     out.mkdir()
     ctx = mp.start_processes(mesh_rank, args=(WORLD, free_port(), data_parallel, cfg, str(out)),
                              nprocs=WORLD, join=False, start_method="forkserver")
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"the mesh run did not finish within {timeout:.0f} s")
+    join_within(ctx, timeout, "the mesh run")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
     if fails:
         return results
