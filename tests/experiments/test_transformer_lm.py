@@ -105,6 +105,8 @@ def test_lm_compare_arch_transformer_end_to_end(corpus_file, tmp_path):
     assert metrics["params_active_per_token"] < metrics["params_body"]
     quality = (out / "dense_quality.md").read_text()
     assert "| switch-8 | dense |" in quality and "| glam-8 | dense |" in quality
+    experts = (out / "experts.md").read_text()  # Table 9's report of the first MoE layer
+    assert "What the experts of switch-8 learned" in experts and "strongest contexts" in experts
     assert 1 < metrics["test_perplexity"] < 30
     evaluated = evaluate_checkpoint(out / "switch-8")
     assert evaluated["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-6)

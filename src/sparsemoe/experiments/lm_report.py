@@ -175,7 +175,9 @@ def write_report(results: list[dict], out: Path) -> None:
     runs.write_text(out / "results.csv", "\n".join(lines) + "\n")
     print(table, flush=True)
     _plots(results, out)
-    moe = [r for r in results if r["model_config"].get("middle") == "moe" and r["num_experts"] > 1]
+    # the flat MoE of the LSTM model, or the Transformer's MoE layers (its config has no middle)
+    moe = [r for r in results if r["model_config"].get("middle", "moe") == "moe"
+           and r["num_experts"] > 1]
     if moe:
         best = max(moe, key=lambda r: r["num_experts"])
         report = expert_contexts(out / best["preset"])
