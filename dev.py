@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Set-up and the two project commands, needing nothing but Python 3.11+.
 
-    python3 dev.py main   # the main job: the paper's claim in miniature (~15 min)
+    python3 dev.py main   # the main job: the paper's claim in miniature (~5 min)
     python3 dev.py test   # lint + the test suite (not the slow-marked tests); args go to pytest
 
 ``main`` runs ``sparsemoe lm compare --arch transformer --presets experts --vocab-size 2000
