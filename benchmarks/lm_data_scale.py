@@ -19,10 +19,10 @@ import argparse
 import json
 from pathlib import Path
 
-from lm_seeds import base_config, run_config, run_name, training_arguments
+from lm_seeds import base_config, finished_metrics, run_config, run_name, training_arguments
 
 from sparsemoe.data import load_corpus
-from sparsemoe.experiments.lm import METRICS, Trainer
+from sparsemoe.experiments.lm import Trainer
 
 
 def format_scale(results: dict[str, dict], tokens_per_step: int) -> str:
@@ -84,10 +84,8 @@ def main() -> None:
     for preset, std in a.runs:
         name = run_name(preset, std)
         cfg = run_config(base, preset, std, out / name)
-        done = Path(cfg.out) / METRICS
-        if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
-            metrics = json.loads(done.read_text())
-        else:
+        metrics = finished_metrics(cfg)
+        if metrics is None:
             corpus = corpus or load_corpus(base.corpus, base.vocab_size)
             metrics = Trainer(cfg, corpus).run()
         h = metrics["history"]

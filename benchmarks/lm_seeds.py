@@ -109,6 +109,13 @@ def run_config(base: LMTrainConfig, preset: str, std: float, out: Path, **fields
     return replace(base, preset=preset, out=str(out), model=model, **fields)
 
 
+def finished_metrics(cfg: LMTrainConfig) -> dict | None:
+    """The ``metrics.json`` of a run already trained to ``cfg.steps`` in ``cfg.out``, else None."""
+    done = Path(cfg.out) / METRICS
+    metrics = json.loads(done.read_text()) if done.exists() else None
+    return metrics if metrics is not None and metrics["steps"] == cfg.steps else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     training_arguments(p, "shakespeare", steps=300, warmup=60, eval_every=100)
@@ -125,10 +132,8 @@ def main() -> None:
     for seed in a.seeds:
         for (preset, std), name in zip(a.runs, names, strict=True):
             cfg = run_config(base, preset, std, out / name / f"seed{seed}", seed=seed)
-            done = Path(cfg.out) / METRICS
-            if done.exists() and json.loads(done.read_text())["steps"] == cfg.steps:
-                metrics = json.loads(done.read_text())
-            else:
+            metrics = finished_metrics(cfg)
+            if metrics is None:
                 corpus = corpus or load_corpus(base.corpus, base.vocab_size)
                 t0 = time.perf_counter()
                 metrics = Trainer(cfg, corpus).run()

@@ -162,6 +162,20 @@ def sharded_checkpoint_path(path: str | Path) -> Path | None:
     return None
 
 
+def _complete(path: str | Path) -> Path:
+    """:func:`sharded_checkpoint_path`, or FileNotFoundError naming ``path``."""
+    found = sharded_checkpoint_path(path)
+    if found is None:
+        raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
+    return found
+
+
+def _extra(found: Path) -> dict:
+    """The ``extra`` values saved in the complete checkpoint ``found`` (empty without them)."""
+    extra = found / EXTRA
+    return torch.load(extra, weights_only=True) if extra.is_file() else {}
+
+
 def load_sharded_checkpoint(path: str | Path, model: nn.Module,
                             optimizer: torch.optim.Optimizer | None = None) -> dict:
     """Load a checkpoint of :func:`save_sharded_checkpoint`, written on any mesh shape or on
@@ -174,9 +188,7 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module,
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
     """
-    found = sharded_checkpoint_path(path)
-    if found is None:
-        raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
+    found = _complete(path)
     live, saved = _states(model, optimizer)
     dcp.load(saved, checkpoint_id=found, no_dist=model_mesh(model) is None)
     # DCP loaded the tensors in place (the expert DTensors share memory with the live shards)
@@ -185,7 +197,7 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module,
         _copy_values(live["optimizer"], saved["optimizer"], _bank_keys(model)[0])
     set_state_dict(model, () if optimizer is None else (optimizer,),
                    model_state_dict=live["model"], optim_state_dict=live.get("optimizer", {}))
-    return sharded_checkpoint_extra(found)
+    return _extra(found)
 
 
 def sharded_checkpoint_extra(path: str | Path) -> dict:
@@ -195,11 +207,7 @@ def sharded_checkpoint_extra(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
     """
-    found = sharded_checkpoint_path(path)
-    if found is None:
-        raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
-    extra = found / EXTRA
-    return torch.load(extra, weights_only=True) if extra.is_file() else {}
+    return _extra(_complete(path))
 
 
 def consolidate(path: str | Path, file: str | Path) -> Path:
@@ -210,14 +218,12 @@ def consolidate(path: str | Path, file: str | Path) -> Path:
     Returns:
         ``file``.
     """
-    found = sharded_checkpoint_path(path)
-    if found is None:
-        raise FileNotFoundError(f"no distributed checkpoint at {path} (no {path}/.metadata)")
+    found = _complete(path)
     file = Path(file)
     dcp_to_torch_save(found, file)
-    extra = found / EXTRA
-    if extra.is_file():
+    extra = _extra(found)
+    if extra:
         whole = torch.load(file, weights_only=True)
-        whole.update(torch.load(extra, weights_only=True))
+        whole.update(extra)
         torch.save(whole, file)
     return file
