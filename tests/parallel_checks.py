@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 
 from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
 from sparsemoe import parallel as P
-from sparsemoe.optim import FactoredAdam
+from sparsemoe.optim import FactoredAdam, param_groups
 
 D, HIDDEN, EXPERTS = 8, 12, 8
 
@@ -283,6 +283,15 @@ def adam(model):
     return torch.optim.Adam(model.parameters(), lr=3e-2)
 
 
+def factored_adam(model):
+    """Appendix D's optimizer with a bank's factors per expert; beta2 0.9 so that five steps
+    move the factors well away from their first values."""
+    return FactoredAdam(param_groups(model), lr=3e-2, beta2=0.9)
+
+
+OPTIMIZERS = {"adam": adam, "factored_adam": factored_adam}
+
+
 def make_pair(seed=0):
     """A single-process model and its expert-parallel copy, with their optimizers."""
     torch.manual_seed(seed)
@@ -483,6 +492,26 @@ def mesh_errors(model, ref, grads=False):
     return max(errors)
 
 
+def state_errors(model, opt, ref, ref_opt):
+    """Largest error of the optimizer state of every parameter of a parallelize-d ``model``
+    (DTensor shards and replicas made whole over their mesh) against the single-process
+    ``ref_opt``'s, relative to the largest magnitude of the single-process tensor (the
+    factors of clipped gradients are small numbers; every rank divides by the same number);
+    ``(error, names of the state tensors compared)``."""
+    ref_params = dict(ref.named_parameters())
+    worst, names = 0.0, set()
+    for name, p in model.named_parameters():
+        mine, theirs = opt.state[p], ref_opt.state[ref_params[global_name(name)]]
+        if set(mine) != set(theirs):
+            raise AssertionError(f"{name}: state {sorted(mine)}, one process {sorted(theirs)}")
+        for key, value in mine.items():
+            full = theirs[key] if value.dim() == 0 else shard_of(model, name, theirs[key])
+            scale = max(float(theirs[key].abs().max()), 1e-30)
+            worst = max(worst, max_err(full_value(value), full) / scale)
+            names.add(key)
+    return worst, sorted(names)
+
+
 def mesh_step(model, opt, step, clip, world=4):
     """One step of a parallelize-d model on its rank's slice; ``(loss, norm)``."""
     rank = dist.get_rank()
@@ -503,17 +532,20 @@ def mesh_model(shape, seed):
     return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS))
 
 
-def check_mesh_training(_counts, steps=5, clip=0.05):
-    """Five Adam steps with clipping on each dp × ep mesh of 4 ranks against one process:
-    losses, gradient norms, gradients (after clipping) and parameters."""
+def check_mesh_training(_counts, optimizer="adam", steps=5, clip=0.05):
+    """Five steps of ``optimizer`` (a key of :data:`OPTIMIZERS`) with clipping on each
+    dp × ep mesh of 4 ranks against one process: losses, gradient norms, gradients (after
+    clipping), parameters and optimizer state."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    errors, norms = {}, []
+    make_opt = OPTIMIZERS[optimizer]
+    errors, norms, state = {}, [], []
     for shape in MESH_SHAPES:
         torch.manual_seed(0)
         ref = Net()
         model = mesh_model(shape, 0)
-        ref_opt, opt = adam(ref), adam(model)
-        worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0}
+        ref_opt, opt = make_opt(ref), make_opt(model)
+        worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0,
+                 "state": 0.0}
         for step in range(steps):
             ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
             loss, norm = mesh_step(model, opt, step, clip)
@@ -523,18 +555,23 @@ def check_mesh_training(_counts, steps=5, clip=0.05):
                              ("gradients", mesh_errors(model, ref, grads=True)),
                              ("parameters", mesh_errors(model, ref))):
                 worst[key] = max(worst[key], err)
+            err, state = state_errors(model, opt, ref, ref_opt)
+            worst["state"] = max(worst["state"], err)
         errors.update({f"{shape[0]}x{shape[1]} {k}": v for k, v in worst.items()})
-    return {"errors": errors, "norms": norms, "clip": clip}
+    return {"errors": errors, "norms": norms, "clip": clip, "state": state}
 
 
-def check_mesh_reshard(_counts, clip=0.05):
-    """A distributed checkpoint through 4x1 -> 2x2 -> 1x4 -> 1x1 -> 4x1, a step at each stop,
-    against the same steps on one process; the last checkpoint consolidated into one file."""
+def check_mesh_reshard(_counts, optimizer="adam", clip=0.05):
+    """A distributed checkpoint of the model and its ``optimizer`` (a key of
+    :data:`OPTIMIZERS`) through 4x1 -> 2x2 -> 1x4 -> 1x1 -> 4x1, a step at each stop, against
+    the same steps on one process (parameters and optimizer state); the last checkpoint
+    consolidated into one file."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / "dcp"
+    make_opt = OPTIMIZERS[optimizer]
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / f"dcp_{optimizer}"
     torch.manual_seed(0)
     ref = Net()
-    ref_opt = adam(ref)
+    ref_opt = make_opt(ref)
     errors = {}
     stops = ((4, 1), (2, 2), (1, 4), (1, 1), (4, 1))
     for i, shape in enumerate(stops):
@@ -544,16 +581,18 @@ def check_mesh_reshard(_counts, clip=0.05):
             dist.barrier()  # rank 0 alone: load, step, save
             continue
         model = mesh_model(shape, 0 if i == 0 else 10 + i)
-        opt = adam(model)
+        opt = make_opt(model)
         if i:
             P.load_sharded_checkpoint(out, model, opt)
             errors[f"load {name}"] = mesh_errors(model, ref)
+            errors[f"load {name} state"] = state_errors(model, opt, ref, ref_opt)[0]
         if shape == (1, 1):
             reference_step(model, opt, i, world, clip)
         else:
             mesh_step(model, opt, i, clip)
         reference_step(ref, ref_opt, i, world, clip)
         errors[f"step on {name}"] = mesh_errors(model, ref)
+        errors[f"step on {name} state"] = state_errors(model, opt, ref, ref_opt)[0]
         P.save_sharded_checkpoint(out, model, opt, extra={"stop": i})
         if shape == (1, 1):
             dist.barrier()
@@ -575,6 +614,8 @@ CHECKS = {
     "compiled": check_compiled,
     "training": check_training, "reshard": check_reshard,
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
+    "mesh_training_factored": lambda c: check_mesh_training(c, "factored_adam"),
+    "mesh_reshard_factored": lambda c: check_mesh_reshard(c, "factored_adam"),
 }
 
 

@@ -8,6 +8,7 @@ finish within its time limit fails instead of hanging.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -43,8 +44,9 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     if world == 2:
         steps.append(("compiled", "compiled", counts))
     if world == 4:
-        steps += [("reshard", "reshard", counts), ("mesh_training", "mesh_training", counts),
-                  ("mesh_reshard", "mesh_reshard", counts)]
+        steps += [("reshard", "reshard", counts)]
+        steps += [(f"mesh_{check}{suffix}", f"mesh_{check}{suffix}", counts)
+                  for suffix in ("", "_factored") for check in ("training", "reshard")]
     return steps
 
 
@@ -165,21 +167,40 @@ def test_expert_parallel_layer_under_torch_compile(runs):
     assert "grad experts.local.w1" in worst and "x_grad" in worst
 
 
-def test_mesh_training_equals_one_process(runs):
+OPTIMIZER_SUFFIX = {"adam": "", "factored_adam": "_factored"}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZER_SUFFIX)
+def test_mesh_training_equals_one_process(runs, optimizer):
     """FSDP2 over "dp", experts over "ep": 4x1, 2x2 and 1x4 meshes of 4 ranks against one
-    process, five Adam steps with clipping (losses, norms, clipped gradients, parameters)."""
-    (res, *_) = per_rank = results(runs, 4, "mesh_training")
+    process, five steps of Adam or FactoredAdam with clipping (losses, norms, clipped
+    gradients, parameters, and the optimizer state relative to its magnitude: FactoredAdam's
+    column factors summed over the ranks holding the other rows)."""
+    (res, *_) = per_rank = results(runs, 4, f"mesh_training{OPTIMIZER_SUFFIX[optimizer]}")
     worst = assert_errors(per_rank)
     assert {k.split()[0] for k in worst} == {"4x1", "2x2", "1x4"}
+    assert "1x4 state" in worst
     assert min(res["norms"]) > res["clip"]  # clipping was active at every step
+    expected = ["col", "row", "step", "v"] if optimizer == "factored_adam" else \
+        ["exp_avg", "exp_avg_sq", "step"]
+    assert res["state"] == expected
 
 
-def test_sharded_checkpoint_through_every_mesh(runs):
+@pytest.mark.parametrize("optimizer", OPTIMIZER_SUFFIX)
+def test_sharded_checkpoint_through_every_mesh(runs, optimizer):
     """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop; every rank wrote a
-    file; the consolidated file is the single-process state."""
-    per_rank = results(runs, 4, "mesh_reshard")
-    worst = assert_errors(per_rank, tol=1e-6)
+    file; the consolidated file is the single-process state. Parameters within 1e-6, the
+    optimizer state within 1e-5 of its magnitude, and every load exactly what was saved (its
+    errors are those of the step before it)."""
+    per_rank = results(runs, 4, f"mesh_reshard{OPTIMIZER_SUFFIX[optimizer]}")
+    worst = assert_errors(per_rank, tol=1e-5)
+    assert_errors([{"errors": {k: v for k, v in r["errors"].items() if "state" not in k}}
+                   for r in per_rank], tol=1e-6)
     assert "step on 4: 4x1" in worst and "load 3: 1x1" in worst and worst["extra"] == 0
+    stops = ["0: 4x1", "1: 2x2", "2: 1x4", "3: 1x1", "4: 4x1"]
+    for before, stop in itertools.pairwise(stops):
+        for kind in ("", " state"):
+            assert worst[f"load {stop}{kind}"] == worst[f"step on {before}{kind}"], stop
     assert worst["consolidated keys"] == 0
     assert per_rank[0]["files"] == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
                                     "extra.pt"]

@@ -206,10 +206,6 @@ def _optimizer(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimi
     """``cfg.optimizer`` over ``model``'s parameters."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if cfg.optimizer == "factored-adam":
-        if sharded:
-            raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that are not "
-                             "shaped like the FSDP2 shards of their parameters; use optimizer "
-                             "'adam' or 'adamw' on a device mesh")
         return FactoredAdam(param_groups(model), lr=cfg.lr)
     if cfg.optimizer == "adamw":
         return _adamw(model, cfg, fused=not sharded)
