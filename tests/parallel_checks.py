@@ -524,25 +524,37 @@ def mesh_step(model, opt, step, clip, world=4):
     return loss.item(), norm.item()
 
 
-def mesh_model(shape, seed):
+def mesh_model(shape, seed, replicate=False):
     torch.manual_seed(seed)
     model = Net()
     if shape == (1, 1):
         return model
-    return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS))
+    return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS),
+                         replicate=replicate)
 
 
-def check_mesh_training(_counts, optimizer="adam", steps=5, clip=0.05):
+def local_numbers(model):
+    """Numbers this rank stores of the parameters: ``(experts, the rest)``."""
+    counts = [0, 0]
+    for name, p in model.named_parameters():
+        counts[".experts." not in f".{name}"] += (p.to_local() if isinstance(p, DTensor)
+                                                 else p).numel()
+    return counts
+
+
+def check_mesh_training(_counts, optimizer="adam", replicate=False, steps=5, clip=0.05):
     """Five steps of ``optimizer`` (a key of :data:`OPTIMIZERS`) with clipping on each
-    dp × ep mesh of 4 ranks against one process: losses, gradient norms, gradients (after
-    clipping), parameters and optimizer state."""
+    dp × ep mesh of 4 ranks (sharded, or ``replicate``-d over dp) against one process:
+    losses, gradient norms, gradients (after clipping), parameters and optimizer state; the
+    numbers of parameters each rank stores."""
     rank, world = dist.get_rank(), dist.get_world_size()
     make_opt = OPTIMIZERS[optimizer]
-    errors, norms, state = {}, [], []
+    errors, norms, state, stored = {}, [], [], {}
     for shape in MESH_SHAPES:
         torch.manual_seed(0)
         ref = Net()
-        model = mesh_model(shape, 0)
+        model = mesh_model(shape, 0, replicate)
+        stored[f"{shape[0]}x{shape[1]}"] = local_numbers(model)
         ref_opt, opt = make_opt(ref), make_opt(model)
         worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0,
                  "state": 0.0}
@@ -558,29 +570,36 @@ def check_mesh_training(_counts, optimizer="adam", steps=5, clip=0.05):
             err, state = state_errors(model, opt, ref, ref_opt)
             worst["state"] = max(worst["state"], err)
         errors.update({f"{shape[0]}x{shape[1]} {k}": v for k, v in worst.items()})
-    return {"errors": errors, "norms": norms, "clip": clip, "state": state}
+    return {"errors": errors, "norms": norms, "clip": clip, "state": state, "stored": stored,
+            "single": local_numbers(Net())}
 
 
-def check_mesh_reshard(_counts, optimizer="adam", clip=0.05):
+SHARDED_STOPS = (((4, 1), False), ((2, 2), False), ((1, 4), False), ((1, 1), False),
+                 ((4, 1), False))
+REPLICATED_STOPS = (((2, 2), True), ((4, 1), False), ((1, 4), True), ((1, 1), False),
+                    ((4, 1), True))
+
+
+def check_mesh_reshard(_counts, optimizer="adam", stops=SHARDED_STOPS, clip=0.05):
     """A distributed checkpoint of the model and its ``optimizer`` (a key of
-    :data:`OPTIMIZERS`) through 4x1 -> 2x2 -> 1x4 -> 1x1 -> 4x1, a step at each stop, against
-    the same steps on one process (parameters and optimizer state); the last checkpoint
-    consolidated into one file."""
+    :data:`OPTIMIZERS`) through ``stops`` (``(dp × ep, replicate)``: by default 4x1 -> 2x2 ->
+    1x4 -> 1x1 -> 4x1, sharded), a step at each stop, against the same steps on one process
+    (parameters and optimizer state); the last checkpoint consolidated into one file."""
     rank, world = dist.get_rank(), dist.get_world_size()
     make_opt = OPTIMIZERS[optimizer]
-    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / f"dcp_{optimizer}"
+    replicated = "_replicated" if any(replicate for _, replicate in stops) else ""
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / f"dcp_{optimizer}{replicated}"
     torch.manual_seed(0)
     ref = Net()
     ref_opt = make_opt(ref)
     errors = {}
-    stops = ((4, 1), (2, 2), (1, 4), (1, 1), (4, 1))
-    for i, shape in enumerate(stops):
+    for i, (shape, replicate) in enumerate(stops):
         name = f"{i}: {shape[0]}x{shape[1]}"
         if shape == (1, 1) and rank != 0:
             reference_step(ref, ref_opt, i, world, clip)
             dist.barrier()  # rank 0 alone: load, step, save
             continue
-        model = mesh_model(shape, 0 if i == 0 else 10 + i)
+        model = mesh_model(shape, 0 if i == 0 else 10 + i, replicate)
         opt = make_opt(model)
         if i:
             P.load_sharded_checkpoint(out, model, opt)
@@ -616,6 +635,9 @@ CHECKS = {
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
     "mesh_training_factored": lambda c: check_mesh_training(c, "factored_adam"),
     "mesh_reshard_factored": lambda c: check_mesh_reshard(c, "factored_adam"),
+    "mesh_training_replicated": lambda c: check_mesh_training(c, replicate=True),
+    "mesh_reshard_replicated": lambda c: check_mesh_reshard(c, "factored_adam",
+                                                            REPLICATED_STOPS),
 }
 
 

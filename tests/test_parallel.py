@@ -46,7 +46,8 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     if world == 4:
         steps += [("reshard", "reshard", counts)]
         steps += [(f"mesh_{check}{suffix}", f"mesh_{check}{suffix}", counts)
-                  for suffix in ("", "_factored") for check in ("training", "reshard")]
+                  for suffix in ("", "_factored", "_replicated")
+                  for check in ("training", "reshard")]
     return steps
 
 
@@ -167,37 +168,47 @@ def test_expert_parallel_layer_under_torch_compile(runs):
     assert "grad experts.local.w1" in worst and "x_grad" in worst
 
 
-OPTIMIZER_SUFFIX = {"adam": "", "factored_adam": "_factored"}
+MESH_RUNS = {"adam": "", "factored_adam": "_factored", "replicated": "_replicated"}
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZER_SUFFIX)
-def test_mesh_training_equals_one_process(runs, optimizer):
-    """FSDP2 over "dp", experts over "ep": 4x1, 2x2 and 1x4 meshes of 4 ranks against one
-    process, five steps of Adam or FactoredAdam with clipping (losses, norms, clipped
-    gradients, parameters, and the optimizer state relative to its magnitude: FactoredAdam's
-    column factors summed over the ranks holding the other rows)."""
-    (res, *_) = per_rank = results(runs, 4, f"mesh_training{OPTIMIZER_SUFFIX[optimizer]}")
+@pytest.mark.parametrize("run", MESH_RUNS)
+def test_mesh_training_equals_one_process(runs, run):
+    """Experts over "ep", FSDP2 over "dp" (or replicated over "dp" with FSDP2's replicate):
+    4x1, 2x2 and 1x4 meshes of 4 ranks against one process, five steps of Adam or
+    FactoredAdam with clipping (losses, norms, clipped gradients, parameters, and the
+    optimizer state relative to its magnitude: FactoredAdam's column factors summed over the
+    ranks holding the other rows); what each rank stores."""
+    (res, *_) = per_rank = results(runs, 4, f"mesh_training{MESH_RUNS[run]}")
     worst = assert_errors(per_rank)
     assert {k.split()[0] for k in worst} == {"4x1", "2x2", "1x4"}
     assert "1x4 state" in worst
     assert min(res["norms"]) > res["clip"]  # clipping was active at every step
-    expected = ["col", "row", "step", "v"] if optimizer == "factored_adam" else \
+    expected = ["col", "row", "step", "v"] if run == "factored_adam" else \
         ["exp_avg", "exp_avg_sq", "step"]
     assert res["state"] == expected
+    experts, rest = res["single"]
+    for r in per_rank:
+        for shape, (own_experts, own_rest) in r["stored"].items():
+            if run == "replicated":  # the ep group's experts, every other number
+                assert own_experts == experts // int(shape.split("x")[1]) and own_rest == rest
+            else:  # a quarter of the experts, at most a quarter (rounded up) of each other
+                assert own_experts == experts // 4 and own_rest < rest / 3
 
 
-@pytest.mark.parametrize("optimizer", OPTIMIZER_SUFFIX)
-def test_sharded_checkpoint_through_every_mesh(runs, optimizer):
-    """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop; every rank wrote a
-    file; the consolidated file is the single-process state. Parameters within 1e-6, the
-    optimizer state within 1e-5 of its magnitude, and every load exactly what was saved (its
-    errors are those of the step before it)."""
-    per_rank = results(runs, 4, f"mesh_reshard{OPTIMIZER_SUFFIX[optimizer]}")
+@pytest.mark.parametrize("run", MESH_RUNS)
+def test_sharded_checkpoint_through_every_mesh(runs, run):
+    """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop (replicated:
+    2x2 replicated -> 4x1 -> 1x4 replicated -> one process -> 4x1 replicated, FactoredAdam);
+    every rank wrote a file; the consolidated file is the single-process state. Parameters
+    within 1e-6, the optimizer state within 1e-5 of its magnitude, and every load exactly
+    what was saved (its errors are those of the step before it)."""
+    per_rank = results(runs, 4, f"mesh_reshard{MESH_RUNS[run]}")
     worst = assert_errors(per_rank, tol=1e-5)
     assert_errors([{"errors": {k: v for k, v in r["errors"].items() if "state" not in k}}
                    for r in per_rank], tol=1e-6)
     assert "step on 4: 4x1" in worst and "load 3: 1x1" in worst and worst["extra"] == 0
-    stops = ["0: 4x1", "1: 2x2", "2: 1x4", "3: 1x1", "4: 4x1"]
+    stops = ["0: 2x2", "1: 4x1", "2: 1x4", "3: 1x1", "4: 4x1"] if run == "replicated" \
+        else ["0: 4x1", "1: 2x2", "2: 1x4", "3: 1x1", "4: 4x1"]
     for before, stop in itertools.pairwise(stops):
         for kind in ("", " state"):
             assert worst[f"load {stop}{kind}"] == worst[f"step on {before}{kind}"], stop

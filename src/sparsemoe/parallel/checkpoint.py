@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
 from .exchange import ExpertParallel
 from .mesh import model_mesh
@@ -56,7 +56,8 @@ def _global(t: Tensor, bank: ExpertParallel, model: nn.Module) -> Tensor:
     local = _local(t)
     shape = torch.Size((bank.num_experts, *local.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, model_mesh(model).experts, [Shard(0)], run_check=False,
+    layout = model_mesh(model)
+    return DTensor.from_local(local, layout.experts, layout.expert_placements, run_check=False,
                               shape=shape, stride=stride)
 
 
