@@ -23,6 +23,7 @@ from helpers import randomise_gates
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
 from sparsemoe import parallel as P
@@ -167,57 +168,82 @@ def check_one_rank_receives(counts):
 
 
 def check_compiled(counts):
-    """An expert-parallel layer under ``torch.compile`` (AOTAutograd, no code generation)
-    against the same layer run eagerly: output, input and parameter gradients."""
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    eager = P.expert_parallel(top_k_layer()).eval()
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, backend="aot_eager")
-    x = slices(dist.get_world_size(), counts, 1)[rank]
-    outputs = []
-    for layer in (eager, compiled):
-        xr = x.clone().requires_grad_(True)
-        y = layer(xr)
-        (y * y).sum().backward()
-        outputs.append((y, xr.grad))
-    torch._dynamo.reset()
-    errors = {"output": max_err(outputs[1][0], outputs[0][0]),
-              "x_grad": max_err(outputs[1][1], outputs[0][1])}
-    for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
-        if p.grad is None:  # unused in evaluation (the noise weights): unused in both
-            errors[f"grad {name}"] = 0.0 if q.grad is None else float("inf")
-        else:
-            errors[f"grad {name}"] = max_err(q.grad, p.grad)
-    return {"errors": errors}
+    """An expert-parallel layer under ``torch.compile(fullgraph=True)`` (AOTAutograd, no code
+    generation; ``capture_scalar_outputs`` so that the split sizes read from the exchanged
+    counts stay in the graph) against the same layer run eagerly, in training (noisy gating,
+    the same noise) and evaluation, at two token counts: outputs, input and parameter
+    gradients, the exchange's statistics; the graphs compiled and the graph breaks."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    errors, frames = {}, {}
+    for training in (True, False):
+        torch.manual_seed(0)
+        eager = P.expert_parallel(top_k_layer()).train(training)
+        randomise_gates(eager, 0)
+        compiled_layer = copy.deepcopy(eager)
+        backend = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
+        counters.clear()
+        mode = "training" if training else "evaluation"
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            for step, step_counts in enumerate((counts, counts[::-1])):
+                x = slices(world, step_counts, 1 + step)[rank]
+                outputs = []
+                for layer in (eager, compiled):
+                    xr = x.clone().requires_grad_(True)
+                    torch.manual_seed(10 + rank)  # the same gating noise
+                    y = layer(xr)
+                    (y * y).sum().backward()
+                    outputs.append((y, xr.grad))
+                errors[f"{mode} output {step}"] = max_err(outputs[1][0], outputs[0][0])
+                errors[f"{mode} x_grad {step}"] = max_err(outputs[1][1], outputs[0][1])
+                errors[f"{mode} exchange stats {step}"] = float(
+                    compiled_layer.experts.last_exchange != eager.experts.last_exchange)
+        for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(),
+                                strict=True):
+            if p.grad is None:  # unused in evaluation (the noise weights): unused in both
+                errors[f"{mode} grad {name}"] = 0.0 if q.grad is None else float("inf")
+            else:
+                errors[f"{mode} grad {name}"] = max_err(q.grad, p.grad)
+        frames[mode] = {"graphs": backend.frame_count,
+                        "breaks": sum(counters["graph_break"].values())}
+        torch._dynamo.reset()
+    return {"errors": errors, "frames": frames}
+
+
+class CountedBytes(TorchDispatchMode):
+    """Bytes that leave this rank through torch's functional ``all_to_all_single`` (the
+    exchanges' operator, forward and backward), own rank excluded, one entry per call."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.sent = rank, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.all_to_all_single.default:
+            x, _, send_rows = args[:3]
+            row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+            self.sent.append(sum(r for j, r in enumerate(send_rows) if j != self.rank)
+                             * row_bytes)
+        return func(*args, **(kwargs or {}))
 
 
 def counted_bytes(counts):
-    """ExchangeStats against the bytes that really went through ``all_to_all_single`` (forward
-    and backward), counted by a wrapper around it."""
+    """ExchangeStats against the bytes that really went through the all-to-all operator
+    (forward and backward), counted as it runs."""
     rank = dist.get_rank()
-    sent = []
-    original = dist.all_to_all_single
-
-    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None):
-        rows = input_split_sizes or [input.shape[0] // dist.get_world_size(group)] * \
-            dist.get_world_size(group)
-        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
-        sent.append(sum(r for j, r in enumerate(rows) if j != rank) * row_bytes)
-        return original(output, input, output_split_sizes, input_split_sizes, group=group)
-
     torch.manual_seed(0)
     layer = P.expert_parallel(top_k_layer())
     randomise_gates(layer, 0)
     x = slices(dist.get_world_size(), counts, 1)[rank].requires_grad_(True)
-    dist.all_to_all_single = counting
-    try:
+    with CountedBytes(rank) as counter:
         layer(x).sum().backward()
-    finally:
-        dist.all_to_all_single = original
+    sent = counter.sent
     (stats,) = P.exchange_stats(layer)
     per_row = layer.experts.local.multiply_adds_per_row
-    return {"counted": sum(sent), "reported": stats.step_bytes_sent,
+    return {"counted": sum(sent), "reported": stats.step_bytes_sent, "calls": len(sent),
             "forward_counted": sum(sent[:3]), "forward_reported": stats.forward_bytes_sent,
             "compute_to_io": stats.compute_to_io,
             "expert_multiply_adds": stats.expert_multiply_adds,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import _functional_collectives as funcol
 
 from .._checks import autocast_dtype, check_expert_bank
 from ..dispatch import SortedPairs, gather_tokens, sort_by_expert, unsort
@@ -25,22 +26,9 @@ from ..experts import FeedForwardExperts
 ProcessGroup = dist.ProcessGroup
 
 
-def _exchange(x: Tensor, recv_rows: list[int], send_rows: list[int], group) -> Tensor:
-    out = x.new_empty((sum(recv_rows), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_rows, send_rows, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, recv_rows, send_rows, group, anchor):
-        ctx.rows, ctx.group = (recv_rows, send_rows), group
-        return _exchange(x, recv_rows, send_rows, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        recv_rows, send_rows = ctx.rows
-        return _exchange(grad, send_rows, recv_rows, ctx.group), None, None, None, None
+def _resolved(group: ProcessGroup | None) -> ProcessGroup:
+    """The process group that ``None`` stands for: the default group."""
+    return group if group is not None else dist.group.WORLD
 
 
 def all_to_all(
@@ -49,9 +37,12 @@ def all_to_all(
     """Differentiable ``all_to_all_single`` with uneven splits: rows ``send_rows[j]`` of ``x``
     go to rank ``j``; ``recv_rows[j]`` rows come from rank ``j``, in rank order.
 
-    The backward is the reverse exchange. It runs on every rank whenever gradients are
-    enabled, even where ``x`` does not require a gradient: the other ranks' gradients pass
-    through this rank's exchange, so skipping it would leave them waiting.
+    torch's functional collective (``all_to_all_single_autograd``): ``torch.compile`` traces
+    it as one operator of the graph, with ``recv_rows`` and ``send_rows`` symbolic where they
+    were read from tensors. The backward is the reverse exchange. It runs where ``x`` requires
+    a gradient, so every rank of the group must pass an ``x`` that requires a gradient, or
+    none may (the same model on every rank does): a rank that skipped it would leave the
+    others waiting in theirs.
 
     Args:
         x: ``[sum(send_rows), ...]``.
@@ -61,8 +52,8 @@ def all_to_all(
     Returns:
         ``[sum(recv_rows), ...]``.
     """
-    anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _AllToAll.apply(x, recv_rows, send_rows, group, anchor)
+    return funcol.all_to_all_single_autograd(x.contiguous(), recv_rows, send_rows,
+                                             _resolved(group))
 
 
 @dataclass(frozen=True)
@@ -211,9 +202,9 @@ class ExpertParallel(nn.Module):
     def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
         w, n_local = self.world_size, self.num_local_experts
         send = routes.tokens_per_expert.reshape(w, n_local).contiguous()  # [W, n_l]
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # [W, n_l] from each rank
-        send_rows, recv_rows = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync
+        recv = funcol.all_to_all_single(send, None, None, _resolved(self.group))  # [W, n_l]
+        # the one host read; symbolic sizes under torch.compile with capture_scalar_outputs
+        send_rows, recv_rows = torch.stack([send.sum(1), recv.sum(1)]).tolist()
         dt = autocast_dtype(x.device.type)
         if dt is not None:
             x = x.to(dt)
@@ -226,8 +217,8 @@ class ExpertParallel(nn.Module):
         local_routes = sort_by_expert(expert[:, None], n_local)
         y_local = self.local(gather_tokens(x_recv, local_routes, 1), local_routes)
         y = all_to_all(unsort(y_local, local_routes), send_rows, recv_rows, self.group)
-        if masked:
-            y = torch.cat([y, y.new_zeros(masked, y.shape[1])])
+        torch._check(masked >= 0)  # for the compiler: sizes it cannot see are not negative
+        y = torch.cat([y, y.new_zeros(masked, y.shape[1])])
         self.last_exchange = ExchangeStats(
             rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
             bytes_in_row=x.shape[1] * x.element_size(),
