@@ -121,7 +121,8 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
         row["dcp_seconds"] = timed(lambda m=model, o=opt, f=folder:
                                    P.save_sharded_checkpoint(f, m, o), args.repeats)
         row["dcp_bytes"] = (folder / f"__{rank}_0.distcp").stat().st_size
-        if dp == 1 and args.optimizer == "adam":  # the rank-0 gather, from the same experts spread over every rank
+        # the rank-0 gather, from the same experts spread over every rank
+        if dp == 1 and args.optimizer == "adam":
             gathered = P.expert_parallel(copy.deepcopy(base))
             gathered_opt = torch.optim.Adam(gathered.parameters(), lr=1e-3)
             step(gathered, gathered_opt, args, rank)

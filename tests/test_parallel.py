@@ -221,7 +221,7 @@ def test_sharded_checkpoint_through_every_mesh(runs, run):
             assert worst[f"load {stop}{kind}"] == worst[f"step on {before}{kind}"], stop
     assert worst["consolidated keys"] == 0
     assert per_rank[0]["files"] == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
-                                    "extra.pt"]
+                                    "extra.pt", "extra.pt.sha256"]
 
 
 @pytest.mark.parametrize("world", [2, 4])

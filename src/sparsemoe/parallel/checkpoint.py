@@ -13,11 +13,14 @@ rewritten as a DTensor ``Shard(0)`` of the whole bank over the ranks in ep-major
 A save writes a new folder beside the checkpoint and then switches: ``path.new`` is written
 by every rank, then rank 0 renames ``path`` to ``path.old``, ``path.new`` to ``path`` and
 removes ``path.old``. A crash at any point leaves a complete checkpoint: ``path`` or, between
-the renames, ``path.old``, which :func:`load_sharded_checkpoint` falls back on.
+the renames, ``path.old``, which :func:`load_sharded_checkpoint` falls back on. The plain
+values saved beside the tensors (``extra.pt``) have their SHA-256 beside them
+(``extra.pt.sha256``, :mod:`sparsemoe._checksum`), checked whenever they are read.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +33,7 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
+from .._checksum import checksum_path, checksum_text, read_verified
 from .exchange import ExpertParallel
 from .mesh import model_mesh
 from .model import _bank_keys
@@ -142,7 +146,10 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module,
     dcp.save(saved, checkpoint_id=new, no_dist=model_mesh(model) is None)
     if _is_root(model):
         if extra is not None:
-            torch.save(extra, new / EXTRA)
+            buffer = io.BytesIO()
+            torch.save(extra, buffer)
+            checksum_path(new / EXTRA).write_text(checksum_text(new / EXTRA, buffer.getvalue()))
+            (new / EXTRA).write_bytes(buffer.getvalue())
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
@@ -172,9 +179,16 @@ def _complete(path: str | Path) -> Path:
 
 
 def _extra(found: Path) -> dict:
-    """The ``extra`` values saved in the complete checkpoint ``found`` (empty without them)."""
+    """The ``extra`` values saved in the complete checkpoint ``found`` (empty without them),
+    verified against their checksum.
+
+    Raises:
+        RuntimeError: ``extra.pt`` has no checksum file, or does not match it.
+    """
     extra = found / EXTRA
-    return torch.load(extra, weights_only=True) if extra.is_file() else {}
+    if not extra.is_file():
+        return {}
+    return torch.load(io.BytesIO(read_verified(extra, RuntimeError)), weights_only=True)
 
 
 def load_sharded_checkpoint(path: str | Path, model: nn.Module,
@@ -188,6 +202,7 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module,
 
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
+        RuntimeError: its ``extra.pt`` does not match its checksum (or has none).
     """
     found = _complete(path)
     live, saved = _states(model, optimizer)
@@ -207,6 +222,7 @@ def sharded_checkpoint_extra(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
+        RuntimeError: its ``extra.pt`` does not match its checksum (or has none).
     """
     return _extra(_complete(path))
 
