@@ -8,7 +8,10 @@ tensor is described by its global shape, so DCP reshards on load. FSDP2's parame
 optimizer state are already DTensors of their global shape; an expert bank's shard is
 rewritten as a DTensor ``Shard(0)`` of the whole bank over the ranks in ep-major order (rank
 ``(i, j)`` of a ``dp × ep`` mesh holds rows ``(j·dp + i)·n/W …`` of the stacked bank, see
-:mod:`sparsemoe.parallel.mesh`).
+:mod:`sparsemoe.parallel.mesh`); replicated (``parallelize(..., replicate=True)``), as a
+DTensor ``(Replicate(), Shard(0))`` on the mesh (rank ``(i, j)`` holds rows ``j·n/ep …``). The
+optimizer state of an expert bank (Adam's moments, FactoredAdam's per-expert factors) has the
+experts along dimension 0 too and is described the same way.
 
 A save writes a new folder beside the checkpoint and then switches: ``path.new`` is written
 by every rank, then rank 0 renames ``path`` to ``path.old``, ``path.new`` to ``path`` and
@@ -125,7 +128,8 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module,
         path: the checkpoint folder (replaced).
         model: a :func:`~sparsemoe.parallel.parallelize`-d model, or a model on one process.
         optimizer: its optimizer (state shaped like the parameters, or scalars: Adam, AdamW,
-            SGD with momentum).
+            SGD with momentum; or :class:`~sparsemoe.optim.FactoredAdam`, whose factors are
+            DTensors on the mesh and have an expert bank's experts along dimension 0).
         extra: plain values (tensors, numbers, strings, lists, dicts) of rank 0, saved with
             ``torch.save`` in ``path/extra.pt``.
 
