@@ -59,16 +59,20 @@ def slices(world, counts, seed, width=D):
     return [torch.randn(c, width, generator=g) for c in counts]
 
 
-def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=False):
+def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=False,
+                exchange_capacity=None, reference_capacity=None):
     """Outputs, auxiliary loss and every gradient of the expert-parallel layer on this rank
     against the single-process layer on this rank's slice; the expert gradients against the
-    sum over every rank's slice."""
+    sum over every rank's slice. ``exchange_capacity``: the padded exchange;
+    ``reference_capacity``: a :class:`~sparsemoe.Capacity` of the single-process layer only
+    (the drops the padded exchange must reproduce)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
     ref = make_layer()
     if gates:
         randomise_gates(ref, seed)
-    ep = P.expert_parallel(copy.deepcopy(ref))
+    ep = P.expert_parallel(copy.deepcopy(ref), exchange_capacity=exchange_capacity)
+    ref.capacity = reference_capacity or ref.capacity
     ref.train(training)
     ep.train(training)
     xs = slices(world, counts, seed + 1)
@@ -96,6 +100,7 @@ def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=
             expert_total[n] += named[n]
         if r == rank:
             y_ref, aux_ref, x_grad_ref, own = yr, ref.aux_loss, grads[0], named
+            ref_dropped = ref.stats.dropped_pairs
     rel = autocast  # bfloat16: relative errors
     errors = {"output": max_err(y, y_ref, rel), "aux_loss": max_err(ep.aux_loss, aux_ref, rel),
               "x_grad": max_err(x.grad, x_grad_ref, rel)}
@@ -108,7 +113,10 @@ def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=
     return {"errors": errors, "rows_sent": exchange.rows_sent,
             "rows_received": exchange.rows_received, "tokens": counts[rank],
             "dropped": ep.stats.dropped_pairs.item() if ep.stats.dropped_pairs is not None
-            else None}
+            else None,
+            "reference_dropped": ref_dropped.item() if ref_dropped is not None else None,
+            "exchange_dropped": exchange.dropped_rows.item()
+            if exchange.dropped_rows is not None else None}
 
 
 def top_k_layer():
@@ -121,6 +129,23 @@ def check_top_k(counts):
 
 def check_top_k_eval(counts):
     return equivalence(top_k_layer, counts, training=False)
+
+
+def check_padded(counts):
+    """The padded exchange with room for every row (a rank sends an expert at most one row
+    per token): the exact exchange's results."""
+    return equivalence(top_k_layer, counts, exchange_capacity=max(counts))
+
+
+def check_padded_binding(counts, capacity=2):
+    """The padded exchange dropping rows: top-1 routing, so that the first ``capacity`` rows
+    of an expert in sorted order are its first ``capacity`` tokens, which a one-process layer
+    with ``Capacity(tokens=capacity)`` keeps on each rank's slice."""
+    def top1_layer():
+        return MoELayer(routers.TopKRouter(D, EXPERTS, k=1), FeedForwardExperts(EXPERTS, D,
+                                                                                 HIDDEN))
+    return equivalence(top1_layer, counts, exchange_capacity=capacity,
+                       reference_capacity=Capacity(tokens=capacity))
 
 
 def switch_layer():
@@ -169,25 +194,29 @@ def check_one_rank_receives(counts):
 
 def check_compiled(counts):
     """An expert-parallel layer under ``torch.compile(fullgraph=True)`` (AOTAutograd, no code
-    generation; ``capture_scalar_outputs`` so that the split sizes read from the exchanged
-    counts stay in the graph) against the same layer run eagerly, in training (noisy gating,
-    the same noise) and evaluation, at two token counts: outputs, input and parameter
-    gradients, the exchange's statistics; the graphs compiled and the graph breaks."""
+    generation) against the same layer run eagerly, at two token counts: outputs, input and
+    parameter gradients, the exchange's statistics; the graphs compiled and the graph breaks.
+    The exact exchange in training (noisy gating, the same noise) and evaluation, with
+    ``capture_scalar_outputs`` so that the split sizes read from the exchanged counts stay in
+    the graph; the padded exchange (``exchange_capacity``) without it: it reads nothing on
+    the host."""
     from torch._dynamo.testing import CompileCounterWithBackend
     from torch._dynamo.utils import counters
 
     rank, world = dist.get_rank(), dist.get_world_size()
     errors, frames = {}, {}
-    for training in (True, False):
+    modes = (("training", True, None, True), ("evaluation", False, None, True),
+             ("padded", True, max(counts), False))
+    for mode, training, exchange_capacity, capture in modes:
         torch.manual_seed(0)
-        eager = P.expert_parallel(top_k_layer()).train(training)
+        eager = P.expert_parallel(top_k_layer(), exchange_capacity=exchange_capacity)
+        eager.train(training)
         randomise_gates(eager, 0)
         compiled_layer = copy.deepcopy(eager)
         backend = CompileCounterWithBackend("aot_eager")
         compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
         counters.clear()
-        mode = "training" if training else "evaluation"
-        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        with torch._dynamo.config.patch(capture_scalar_outputs=capture):
             for step, step_counts in enumerate((counts, counts[::-1])):
                 x = slices(world, step_counts, 1 + step)[rank]
                 outputs = []
@@ -653,6 +682,7 @@ def check_mesh_reshard(_counts, optimizer="adam", stops=SHARDED_STOPS, clip=0.05
 CHECKS = {
     "constructed": check_constructed, "errors": check_errors,
     "top_k": check_top_k, "top_k_eval": check_top_k_eval,
+    "padded": check_padded, "padded_binding": check_padded_binding,
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,

@@ -32,6 +32,7 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     counts = {2: [13, 9], 4: [13, 9, 4, 11]}[world]
     uneven = {2: [21, 0], 4: [5, 0, 17, 3]}[world]
     steps = [(name, name, counts) for name in LAYER_CHECKS]
+    steps += [("padded", "padded", counts), ("padded_binding", "padded_binding", counts)]
     steps += [("switch_capacity_uneven", "switch_capacity", uneven),
               ("rank_sends_nothing", "top_k", uneven),
               ("no_tokens_anywhere", "top_k", [0] * world),
@@ -101,6 +102,22 @@ def test_layer_equals_single_process(runs, world, name):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_padded_exchange(runs, world):
+    """``exchange_capacity``: with room for every row, the exact exchange's results (the
+    single-process layer), nothing dropped, ``W·n/W·C`` rows sent; binding (2 rows per
+    expert, top-1), the single-process layer with ``Capacity(tokens=2)`` on each rank's
+    slice, the same pairs dropped."""
+    roomy = results(runs, world, "padded")
+    assert_errors(roomy)
+    assert all(r["exchange_dropped"] == 0 for r in roomy)
+    assert all(r["rows_sent"] == [8 // world * 13] * world for r in roomy)  # C = max(counts)
+    binding = results(runs, world, "padded_binding")
+    assert_errors(binding)
+    assert all(r["exchange_dropped"] == r["reference_dropped"] for r in binding)
+    assert sum(r["exchange_dropped"] for r in binding) > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_capacity_drops_pairs_like_one_process(runs, world):
     for name in ("switch_capacity", "switch_capacity_uneven"):
         per_rank = results(runs, world, name)
@@ -165,11 +182,12 @@ def test_checkpoints_reshard_4_2_1_and_back(runs):
 
 def test_expert_parallel_layer_under_torch_compile(runs):
     """Compiled as one graph (``fullgraph=True``, no graph break) equals eager, forward and
-    backward, in training and evaluation; a second token count compiles at most one more
+    backward, in training and evaluation, and with the padded exchange (no host read: it
+    compiles without capture_scalar_outputs); a second token count compiles at most one more
     graph (the first call's sizes are specialised, then made dynamic)."""
     per_rank = results(runs, 2, "compiled")
     worst = assert_errors(per_rank)
-    for mode in ("training", "evaluation"):
+    for mode in ("training", "evaluation", "padded"):
         assert f"{mode} grad experts.local.w1" in worst and f"{mode} x_grad 1" in worst
         for res in per_rank:
             assert res["frames"][mode]["breaks"] == 0 and res["frames"][mode]["graphs"] <= 2

@@ -87,7 +87,7 @@ def _backend(group: dist.ProcessGroup, device_type: str):
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None,
-                replicate: bool = False) -> nn.Module:
+                replicate: bool = False, exchange_capacity: int | None = None) -> nn.Module:
     """Spread ``model`` over a ``dp × ep`` ``DeviceMesh``, in place: every MoE layer's experts
     over "ep" (:func:`~sparsemoe.parallel.expert_parallel` on the ep group), then FSDP2
     (``fully_shard``) over "dp" for each expert bank and over the whole mesh for the rest;
@@ -112,6 +112,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
             raises; None: the default process group's (``init_process_group(timeout=...)``).
         replicate: replicate over "dp" (the experts) and the whole mesh (the rest) instead of
             sharding: more memory per rank, no all-gather in the forward and backward.
+        exchange_capacity: rows each rank sends to each expert in the padded exchange (no
+            host read; :class:`~sparsemoe.parallel.ExpertParallel`), or None for the exact one.
 
     Returns:
         ``model`` (now an FSDP2 module).
@@ -138,7 +140,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
                              f"divisible by dp × ep ({mesh.size(0)} × {mesh.size(1)} = {world}):"
                              f" every rank stores num_experts / (dp × ep) experts")
     ep_group = mesh.get_group("ep")
-    expert_parallel(model, ep_group)
+    expert_parallel(model, ep_group, exchange_capacity)
     for name, bank in _expert_banks(model).items():
         if not _same_group(bank.group, ep_group):
             raise ValueError(f"{name}: the layer's experts are spread over another process group "
