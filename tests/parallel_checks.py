@@ -516,6 +516,8 @@ def check_errors(_counts):
             init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
         "mesh_dims": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
             "cpu", (world,), mesh_dim_names=("ep",))),
+        "replicate_type": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
+            "cpu", (1, world), mesh_dim_names=P.MESH_DIMS), replicate="yes"),
         "mesh_divisible": lambda: P.parallelize(
             MoE(D, 2 * world + 1, k=1, hidden=4),
             init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),

@@ -274,6 +274,7 @@ def test_errors_name_what_is_wrong(runs, world):
     assert m["mesh_dims"] == ("ValueError: mesh must have the dimensions ('dp', 'ep') "
                               "(init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))),"
                               " got ('ep',)")
+    assert m["replicate_type"] == "TypeError: replicate must be a bool, got str 'yes'"
     assert m["mesh_divisible"] == (f"ValueError: model: num_experts ({2 * world + 1}) must be "
                                    f"divisible by dp × ep (1 × {world} = {world}): every rank "
                                    f"stores num_experts / (dp × ep) experts")
@@ -287,6 +288,10 @@ def test_errors_without_a_process_group():
         parallel.expert_parallel(MoE(8, 4, k=2, hidden=8))
     with pytest.raises(TypeError, match="local must be an expert bank .* got Linear"):
         parallel.ExpertParallel(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="exchange_capacity must be >= 1, got 0"):
+        parallel.ExpertParallel(FeedForwardExperts(2, 8, 8), exchange_capacity=0)
+    with pytest.raises(TypeError, match="exchange_capacity must be an int, got float 2.0"):
+        parallel.ExpertParallel(FeedForwardExperts(2, 8, 8), exchange_capacity=2.0)
     with pytest.warns(DeprecationWarning, match="GradientSync is deprecated: use sparsemoe"
                       ".parallel.parallelize"), pytest.raises(RuntimeError, match="init_process"):
         parallel.GradientSync(MoE(8, 4, k=2, hidden=8))

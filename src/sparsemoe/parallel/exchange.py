@@ -200,6 +200,11 @@ class ExpertParallel(nn.Module):
         exchange_capacity: rows each rank sends to each expert (padded exchange), or None
             (exact exchange).
 
+    Raises:
+        TypeError: ``local`` is not an expert bank, or ``exchange_capacity`` not an int.
+        ValueError: ``exchange_capacity`` is below 1.
+        RuntimeError: no process group is initialised.
+
     Shape:
         ``[N, d]`` rows sorted by global expert, with :class:`~sparsemoe.dispatch.SortedPairs` over
         ``n`` experts → ``[N, d_out]``.

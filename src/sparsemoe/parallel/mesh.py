@@ -123,7 +123,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
         ValueError: the mesh's dimensions are not ``("dp", "ep")``, the model has no MoE layer,
             a layer's number of experts is not divisible by ``dp·ep``, a layer's experts are
             already spread over another group, or ``timeout`` is not positive.
-        TypeError: ``replicate`` is not a bool.
+        TypeError: ``replicate`` is not a bool, or ``exchange_capacity`` not an int.
+        ValueError: ``exchange_capacity`` is below 1.
     """
     _check_mesh(mesh)
     check_bool("replicate", replicate)
