@@ -69,7 +69,6 @@ class _ModelMesh:
 
     def __init__(self, mesh: DeviceMesh, replicate: bool) -> None:
         self.mesh = mesh
-        self.replicate = replicate
         self.experts: DeviceMesh
         self.expert_placements: tuple[Placement, ...]
         if replicate:
