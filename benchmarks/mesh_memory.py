@@ -22,6 +22,7 @@ The model: an embedding and a readout of ``vocab × d`` around one MoE layer of 
     python benchmarks/mesh_memory.py                      # 1, 2 and 4 ranks, every mesh shape
     python benchmarks/mesh_memory.py --worlds 2 --experts 8
     python benchmarks/mesh_memory.py --optimizer factored-adam
+    python benchmarks/mesh_memory.py --replicate           # parallelize(replicate=True)
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
         torch.manual_seed(0)
         base = Model(args.vocab, args.d_model, args.experts, args.hidden)
         mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=P.MESH_DIMS)
-        model = P.parallelize(copy.deepcopy(base), mesh)
+        model = P.parallelize(copy.deepcopy(base), mesh, replicate=args.replicate)
         opt = optimizer(model, args.optimizer)
         step(model, opt, args, rank)
         row = {"mesh": f"{dp}x{ep}", **memory(model, opt),
@@ -183,6 +184,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="per rank and step")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--optimizer", choices=("adam", "factored-adam"), default="adam")
+    parser.add_argument("--replicate", action="store_true",
+                        help="replicate over dp instead of sharding (parallelize(replicate=True))")
     args = parser.parse_args()
     print(f"| ranks | mesh dp×ep | params MB | grads MB | {args.optimizer} state MB | "
           f"total MB/rank | DCP MB written/rank | DCP save s | optimizer step ms | "
