@@ -1,7 +1,9 @@
 """What a ``dp × ep`` device mesh costs and saves per rank, measured (gloo, CPU):
 
-- memory: the bytes of this rank's parameters, gradients and optimizer state (Adam), summed
-  over the local tensors (a DTensor's local shard) after one training step;
+- memory: the bytes of this rank's parameters, gradients and optimizer state (Adam, or
+  FactoredAdam with ``--optimizer factored-adam``), summed over the local tensors (a
+  DTensor's local shard or replica) after one training step, and the seconds of one
+  ``optimizer.step()`` (median of ``--repeats``);
 - checkpoints: bytes each rank writes and seconds of a save, for the distributed checkpoint
   (:func:`sparsemoe.parallel.save_sharded_checkpoint`, every rank its shards) against the
   rank-0 gather (:func:`~sparsemoe.parallel.full_state_dict` and
@@ -11,11 +13,16 @@
 - for comparison, the memory per rank of that expert-parallel model without FSDP (the
   non-expert parameters, their gradients and Adam state replicated on every rank).
 
+The rank-0 gather cannot gather FactoredAdam's factors (they are not shaped like their
+parameters): with ``--optimizer factored-adam`` its columns stay empty.
+
 The model: an embedding and a readout of ``vocab × d`` around one MoE layer of ``n`` experts
 (``d → h → d``), the shape of the LM (most parameters outside the experts at this size).
 
     python benchmarks/mesh_memory.py                      # 1, 2 and 4 ranks, every mesh shape
     python benchmarks/mesh_memory.py --worlds 2 --experts 8
+    python benchmarks/mesh_memory.py --optimizer factored-adam
+    python benchmarks/mesh_memory.py --replicate           # parallelize(replicate=True)
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from torch.distributed.tensor import DTensor
 
 from sparsemoe import MoE
 from sparsemoe import parallel as P
+from sparsemoe.optim import FactoredAdam, param_groups
 
 
 class Model(nn.Module):
@@ -50,6 +58,12 @@ class Model(nn.Module):
     def forward(self, x):
         h = self.emb(x)
         return self.out(h + self.moe(h))
+
+
+def optimizer(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    if name == "factored-adam":
+        return FactoredAdam(param_groups(model), lr=1e-3)
+    return torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
 def local_bytes(tensors) -> int:
@@ -99,15 +113,17 @@ def rank_main(rank: int, world: int, port: int, args, out: str) -> None:
         torch.manual_seed(0)
         base = Model(args.vocab, args.d_model, args.experts, args.hidden)
         mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=P.MESH_DIMS)
-        model = P.parallelize(copy.deepcopy(base), mesh)
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        model = P.parallelize(copy.deepcopy(base), mesh, replicate=args.replicate)
+        opt = optimizer(model, args.optimizer)
         step(model, opt, args, rank)
-        row = {"mesh": f"{dp}x{ep}", **memory(model, opt)}
+        row = {"mesh": f"{dp}x{ep}", **memory(model, opt),
+               "step_seconds": timed(opt.step, args.repeats)}
         folder = Path(out, f"dcp{dp}x{ep}")
         row["dcp_seconds"] = timed(lambda m=model, o=opt, f=folder:
                                    P.save_sharded_checkpoint(f, m, o), args.repeats)
         row["dcp_bytes"] = (folder / f"__{rank}_0.distcp").stat().st_size
-        if dp == 1:  # the rank-0 gather, from the same experts spread over every rank
+        # the rank-0 gather, from the same experts spread over every rank
+        if dp == 1 and args.optimizer == "adam":
             gathered = P.expert_parallel(copy.deepcopy(base))
             gathered_opt = torch.optim.Adam(gathered.parameters(), lr=1e-3)
             step(gathered, gathered_opt, args, rank)
@@ -142,7 +158,7 @@ def print_table(world: int, every: list[list[dict]]) -> None:
         dcp = [r["dcp_bytes"] for r in per_rank]
         line = (f"| {world} | {row['mesh']} | {mb(worst['params'])} | {mb(worst['grads'])} | "
                 f"{mb(worst['optimizer'])} | {mb(total)} | {mb(min(dcp))}–{mb(max(dcp))} | "
-                f"{row['dcp_seconds']:.3f} |")
+                f"{row['dcp_seconds']:.3f} | {row['step_seconds'] * 1e3:.1f} |")
         if "gather_seconds" in row:
             replicated = max(r["replicated_total"] for r in per_rank)
             line += (f" {mb(replicated)} | {mb(per_rank[0]['gather_bytes'])} on rank 0 | "
@@ -167,11 +183,15 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=256, help="per rank and step")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--optimizer", choices=("adam", "factored-adam"), default="adam")
+    parser.add_argument("--replicate", action="store_true",
+                        help="replicate over dp instead of sharding (parallelize(replicate=True))")
     args = parser.parse_args()
-    print("| ranks | mesh dp×ep | params MB | grads MB | Adam state MB | total MB/rank | "
-          "DCP MB written/rank | DCP save s | expert_parallel alone: total MB/rank | "
-          "rank-0 gather: MB written | gather save s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| ranks | mesh dp×ep | params MB | grads MB | {args.optimizer} state MB | "
+          f"total MB/rank | DCP MB written/rank | DCP save s | optimizer step ms | "
+          f"expert_parallel alone: total MB/rank | rank-0 gather: MB written | "
+          f"gather save s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as out:
             mp.start_processes(rank_main, args=(world, free_port(), args, out), nprocs=world,

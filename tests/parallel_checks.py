@@ -23,10 +23,11 @@ from helpers import randomise_gates
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from sparsemoe import Capacity, FeedForwardExperts, HierarchicalMoE, MoE, MoELayer, routers
 from sparsemoe import parallel as P
-from sparsemoe.optim import FactoredAdam
+from sparsemoe.optim import FactoredAdam, param_groups
 
 D, HIDDEN, EXPERTS = 8, 12, 8
 
@@ -58,16 +59,20 @@ def slices(world, counts, seed, width=D):
     return [torch.randn(c, width, generator=g) for c in counts]
 
 
-def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=False):
+def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=False,
+                exchange_capacity=None, reference_capacity=None):
     """Outputs, auxiliary loss and every gradient of the expert-parallel layer on this rank
     against the single-process layer on this rank's slice; the expert gradients against the
-    sum over every rank's slice."""
+    sum over every rank's slice. ``exchange_capacity``: the padded exchange;
+    ``reference_capacity``: a :class:`~sparsemoe.Capacity` of the single-process layer only
+    (the drops the padded exchange must reproduce)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed)
     ref = make_layer()
     if gates:
         randomise_gates(ref, seed)
-    ep = P.expert_parallel(copy.deepcopy(ref))
+    ep = P.expert_parallel(copy.deepcopy(ref), exchange_capacity=exchange_capacity)
+    ref.capacity = reference_capacity or ref.capacity
     ref.train(training)
     ep.train(training)
     xs = slices(world, counts, seed + 1)
@@ -95,6 +100,7 @@ def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=
             expert_total[n] += named[n]
         if r == rank:
             y_ref, aux_ref, x_grad_ref, own = yr, ref.aux_loss, grads[0], named
+            ref_dropped = ref.stats.dropped_pairs
     rel = autocast  # bfloat16: relative errors
     errors = {"output": max_err(y, y_ref, rel), "aux_loss": max_err(ep.aux_loss, aux_ref, rel),
               "x_grad": max_err(x.grad, x_grad_ref, rel)}
@@ -107,7 +113,10 @@ def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=
     return {"errors": errors, "rows_sent": exchange.rows_sent,
             "rows_received": exchange.rows_received, "tokens": counts[rank],
             "dropped": ep.stats.dropped_pairs.item() if ep.stats.dropped_pairs is not None
-            else None}
+            else None,
+            "reference_dropped": ref_dropped.item() if ref_dropped is not None else None,
+            "exchange_dropped": exchange.dropped_rows.item()
+            if exchange.dropped_rows is not None else None}
 
 
 def top_k_layer():
@@ -120,6 +129,23 @@ def check_top_k(counts):
 
 def check_top_k_eval(counts):
     return equivalence(top_k_layer, counts, training=False)
+
+
+def check_padded(counts):
+    """The padded exchange with room for every row (a rank sends an expert at most one row
+    per token): the exact exchange's results."""
+    return equivalence(top_k_layer, counts, exchange_capacity=max(counts))
+
+
+def check_padded_binding(counts, capacity=2):
+    """The padded exchange dropping rows: top-1 routing, so that the first ``capacity`` rows
+    of an expert in sorted order are its first ``capacity`` tokens, which a one-process layer
+    with ``Capacity(tokens=capacity)`` keeps on each rank's slice."""
+    def top1_layer():
+        return MoELayer(routers.TopKRouter(D, EXPERTS, k=1), FeedForwardExperts(EXPERTS, D,
+                                                                                 HIDDEN))
+    return equivalence(top1_layer, counts, exchange_capacity=capacity,
+                       reference_capacity=Capacity(tokens=capacity))
 
 
 def switch_layer():
@@ -167,57 +193,86 @@ def check_one_rank_receives(counts):
 
 
 def check_compiled(counts):
-    """An expert-parallel layer under ``torch.compile`` (AOTAutograd, no code generation)
-    against the same layer run eagerly: output, input and parameter gradients."""
-    rank = dist.get_rank()
-    torch.manual_seed(0)
-    eager = P.expert_parallel(top_k_layer()).eval()
-    compiled_layer = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_layer, backend="aot_eager")
-    x = slices(dist.get_world_size(), counts, 1)[rank]
-    outputs = []
-    for layer in (eager, compiled):
-        xr = x.clone().requires_grad_(True)
-        y = layer(xr)
-        (y * y).sum().backward()
-        outputs.append((y, xr.grad))
-    torch._dynamo.reset()
-    errors = {"output": max_err(outputs[1][0], outputs[0][0]),
-              "x_grad": max_err(outputs[1][1], outputs[0][1])}
-    for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(), strict=True):
-        if p.grad is None:  # unused in evaluation (the noise weights): unused in both
-            errors[f"grad {name}"] = 0.0 if q.grad is None else float("inf")
-        else:
-            errors[f"grad {name}"] = max_err(q.grad, p.grad)
-    return {"errors": errors}
+    """An expert-parallel layer under ``torch.compile(fullgraph=True)`` (AOTAutograd, no code
+    generation) against the same layer run eagerly, at two token counts: outputs, input and
+    parameter gradients, the exchange's statistics; the graphs compiled and the graph breaks.
+    The exact exchange in training (noisy gating, the same noise) and evaluation, with
+    ``capture_scalar_outputs`` so that the split sizes read from the exchanged counts stay in
+    the graph; the padded exchange (``exchange_capacity``) without it: it reads nothing on
+    the host."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    errors, frames = {}, {}
+    modes = (("training", True, None, True), ("evaluation", False, None, True),
+             ("padded", True, max(counts), False))
+    for mode, training, exchange_capacity, capture in modes:
+        torch.manual_seed(0)
+        eager = P.expert_parallel(top_k_layer(), exchange_capacity=exchange_capacity)
+        eager.train(training)
+        randomise_gates(eager, 0)
+        compiled_layer = copy.deepcopy(eager)
+        backend = CompileCounterWithBackend("aot_eager")
+        compiled = torch.compile(compiled_layer, backend=backend, fullgraph=True)
+        counters.clear()
+        with torch._dynamo.config.patch(capture_scalar_outputs=capture):
+            for step, step_counts in enumerate((counts, counts[::-1])):
+                x = slices(world, step_counts, 1 + step)[rank]
+                outputs = []
+                for layer in (eager, compiled):
+                    xr = x.clone().requires_grad_(True)
+                    torch.manual_seed(10 + rank)  # the same gating noise
+                    y = layer(xr)
+                    (y * y).sum().backward()
+                    outputs.append((y, xr.grad))
+                errors[f"{mode} output {step}"] = max_err(outputs[1][0], outputs[0][0])
+                errors[f"{mode} x_grad {step}"] = max_err(outputs[1][1], outputs[0][1])
+                errors[f"{mode} exchange stats {step}"] = float(
+                    compiled_layer.experts.last_exchange != eager.experts.last_exchange)
+        for (name, p), q in zip(eager.named_parameters(), compiled_layer.parameters(),
+                                strict=True):
+            if p.grad is None:  # unused in evaluation (the noise weights): unused in both
+                errors[f"{mode} grad {name}"] = 0.0 if q.grad is None else float("inf")
+            else:
+                errors[f"{mode} grad {name}"] = max_err(q.grad, p.grad)
+        frames[mode] = {"graphs": backend.frame_count,
+                        "breaks": sum(counters["graph_break"].values())}
+        torch._dynamo.reset()
+    return {"errors": errors, "frames": frames}
+
+
+class CountedBytes(TorchDispatchMode):
+    """Bytes that leave this rank through torch's functional ``all_to_all_single`` (the
+    exchanges' operator, forward and backward), own rank excluded, one entry per call."""
+
+    def __init__(self, rank):
+        super().__init__()
+        self.rank, self.sent = rank, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops._c10d_functional.all_to_all_single.default:
+            x, _, send_rows = args[:3]
+            row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+            self.sent.append(sum(r for j, r in enumerate(send_rows) if j != self.rank)
+                             * row_bytes)
+        return func(*args, **(kwargs or {}))
 
 
 def counted_bytes(counts):
-    """ExchangeStats against the bytes that really went through ``all_to_all_single`` (forward
-    and backward), counted by a wrapper around it."""
+    """ExchangeStats against the bytes that really went through the all-to-all operator
+    (forward and backward), counted as it runs."""
     rank = dist.get_rank()
-    sent = []
-    original = dist.all_to_all_single
-
-    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None):
-        rows = input_split_sizes or [input.shape[0] // dist.get_world_size(group)] * \
-            dist.get_world_size(group)
-        row_bytes = input[0].numel() * input.element_size() if input.shape[0] else 0
-        sent.append(sum(r for j, r in enumerate(rows) if j != rank) * row_bytes)
-        return original(output, input, output_split_sizes, input_split_sizes, group=group)
-
     torch.manual_seed(0)
     layer = P.expert_parallel(top_k_layer())
     randomise_gates(layer, 0)
     x = slices(dist.get_world_size(), counts, 1)[rank].requires_grad_(True)
-    dist.all_to_all_single = counting
-    try:
+    with CountedBytes(rank) as counter:
         layer(x).sum().backward()
-    finally:
-        dist.all_to_all_single = original
+    sent = counter.sent
     (stats,) = P.exchange_stats(layer)
     per_row = layer.experts.local.multiply_adds_per_row
-    return {"counted": sum(sent), "reported": stats.step_bytes_sent,
+    return {"counted": sum(sent), "reported": stats.step_bytes_sent, "calls": len(sent),
             "forward_counted": sum(sent[:3]), "forward_reported": stats.forward_bytes_sent,
             "compute_to_io": stats.compute_to_io,
             "expert_multiply_adds": stats.expert_multiply_adds,
@@ -281,6 +336,15 @@ def parameter_errors(ep_model, ref_model):
 
 def adam(model):
     return torch.optim.Adam(model.parameters(), lr=3e-2)
+
+
+def factored_adam(model):
+    """Appendix D's optimizer with a bank's factors per expert; beta2 0.9 so that five steps
+    move the factors well away from their first values."""
+    return FactoredAdam(param_groups(model), lr=3e-2, beta2=0.9)
+
+
+OPTIMIZERS = {"adam": adam, "factored_adam": factored_adam}
 
 
 def make_pair(seed=0):
@@ -452,6 +516,8 @@ def check_errors(_counts):
             init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
         "mesh_dims": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
             "cpu", (world,), mesh_dim_names=("ep",))),
+        "replicate_type": lambda: P.parallelize(MoE(D, world, k=1, hidden=4), init_device_mesh(
+            "cpu", (1, world), mesh_dim_names=P.MESH_DIMS), replicate="yes"),
         "mesh_divisible": lambda: P.parallelize(
             MoE(D, 2 * world + 1, k=1, hidden=4),
             init_device_mesh("cpu", (1, world), mesh_dim_names=P.MESH_DIMS)),
@@ -483,6 +549,26 @@ def mesh_errors(model, ref, grads=False):
     return max(errors)
 
 
+def state_errors(model, opt, ref, ref_opt):
+    """Largest error of the optimizer state of every parameter of a parallelize-d ``model``
+    (DTensor shards and replicas made whole over their mesh) against the single-process
+    ``ref_opt``'s, relative to the largest magnitude of the single-process tensor (the
+    factors of clipped gradients are small numbers; every rank divides by the same number);
+    ``(error, names of the state tensors compared)``."""
+    ref_params = dict(ref.named_parameters())
+    worst, names = 0.0, set()
+    for name, p in model.named_parameters():
+        mine, theirs = opt.state[p], ref_opt.state[ref_params[global_name(name)]]
+        if set(mine) != set(theirs):
+            raise AssertionError(f"{name}: state {sorted(mine)}, one process {sorted(theirs)}")
+        for key, value in mine.items():
+            full = theirs[key] if value.dim() == 0 else shard_of(model, name, theirs[key])
+            scale = max(float(theirs[key].abs().max()), 1e-30)
+            worst = max(worst, max_err(full_value(value), full) / scale)
+            names.add(key)
+    return worst, sorted(names)
+
+
 def mesh_step(model, opt, step, clip, world=4):
     """One step of a parallelize-d model on its rank's slice; ``(loss, norm)``."""
     rank = dist.get_rank()
@@ -495,25 +581,40 @@ def mesh_step(model, opt, step, clip, world=4):
     return loss.item(), norm.item()
 
 
-def mesh_model(shape, seed):
+def mesh_model(shape, seed, replicate=False):
     torch.manual_seed(seed)
     model = Net()
     if shape == (1, 1):
         return model
-    return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS))
+    return P.parallelize(model, init_device_mesh("cpu", shape, mesh_dim_names=P.MESH_DIMS),
+                         replicate=replicate)
 
 
-def check_mesh_training(_counts, steps=5, clip=0.05):
-    """Five Adam steps with clipping on each dp × ep mesh of 4 ranks against one process:
-    losses, gradient norms, gradients (after clipping) and parameters."""
+def local_numbers(model):
+    """Numbers this rank stores of the parameters: ``(experts, the rest)``."""
+    counts = [0, 0]
+    for name, p in model.named_parameters():
+        counts[".experts." not in f".{name}"] += (p.to_local() if isinstance(p, DTensor)
+                                                 else p).numel()
+    return counts
+
+
+def check_mesh_training(_counts, optimizer="adam", replicate=False, steps=5, clip=0.05):
+    """Five steps of ``optimizer`` (a key of :data:`OPTIMIZERS`) with clipping on each
+    dp × ep mesh of 4 ranks (sharded, or ``replicate``-d over dp) against one process:
+    losses, gradient norms, gradients (after clipping), parameters and optimizer state; the
+    numbers of parameters each rank stores."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    errors, norms = {}, []
+    make_opt = OPTIMIZERS[optimizer]
+    errors, norms, state, stored = {}, [], [], {}
     for shape in MESH_SHAPES:
         torch.manual_seed(0)
         ref = Net()
-        model = mesh_model(shape, 0)
-        ref_opt, opt = adam(ref), adam(model)
-        worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0}
+        model = mesh_model(shape, 0, replicate)
+        stored[f"{shape[0]}x{shape[1]}"] = local_numbers(model)
+        ref_opt, opt = make_opt(ref), make_opt(model)
+        worst = {"loss": 0.0, "grad_norm": 0.0, "gradients": 0.0, "parameters": 0.0,
+                 "state": 0.0}
         for step in range(steps):
             ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
             loss, norm = mesh_step(model, opt, step, clip)
@@ -523,37 +624,51 @@ def check_mesh_training(_counts, steps=5, clip=0.05):
                              ("gradients", mesh_errors(model, ref, grads=True)),
                              ("parameters", mesh_errors(model, ref))):
                 worst[key] = max(worst[key], err)
+            err, state = state_errors(model, opt, ref, ref_opt)
+            worst["state"] = max(worst["state"], err)
         errors.update({f"{shape[0]}x{shape[1]} {k}": v for k, v in worst.items()})
-    return {"errors": errors, "norms": norms, "clip": clip}
+    return {"errors": errors, "norms": norms, "clip": clip, "state": state, "stored": stored,
+            "single": local_numbers(Net())}
 
 
-def check_mesh_reshard(_counts, clip=0.05):
-    """A distributed checkpoint through 4x1 -> 2x2 -> 1x4 -> 1x1 -> 4x1, a step at each stop,
-    against the same steps on one process; the last checkpoint consolidated into one file."""
+SHARDED_STOPS = (((4, 1), False), ((2, 2), False), ((1, 4), False), ((1, 1), False),
+                 ((4, 1), False))
+REPLICATED_STOPS = (((2, 2), True), ((4, 1), False), ((1, 4), True), ((1, 1), False),
+                    ((4, 1), True))
+
+
+def check_mesh_reshard(_counts, optimizer="adam", stops=SHARDED_STOPS, clip=0.05):
+    """A distributed checkpoint of the model and its ``optimizer`` (a key of
+    :data:`OPTIMIZERS`) through ``stops`` (``(dp × ep, replicate)``: by default 4x1 -> 2x2 ->
+    1x4 -> 1x1 -> 4x1, sharded), a step at each stop, against the same steps on one process
+    (parameters and optimizer state); the last checkpoint consolidated into one file."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / "dcp"
+    make_opt = OPTIMIZERS[optimizer]
+    replicated = "_replicated" if any(replicate for _, replicate in stops) else ""
+    out = Path(os.environ["SPARSEMOE_TEST_DIR"]) / f"dcp_{optimizer}{replicated}"
     torch.manual_seed(0)
     ref = Net()
-    ref_opt = adam(ref)
+    ref_opt = make_opt(ref)
     errors = {}
-    stops = ((4, 1), (2, 2), (1, 4), (1, 1), (4, 1))
-    for i, shape in enumerate(stops):
+    for i, (shape, replicate) in enumerate(stops):
         name = f"{i}: {shape[0]}x{shape[1]}"
         if shape == (1, 1) and rank != 0:
             reference_step(ref, ref_opt, i, world, clip)
             dist.barrier()  # rank 0 alone: load, step, save
             continue
-        model = mesh_model(shape, 0 if i == 0 else 10 + i)
-        opt = adam(model)
+        model = mesh_model(shape, 0 if i == 0 else 10 + i, replicate)
+        opt = make_opt(model)
         if i:
             P.load_sharded_checkpoint(out, model, opt)
             errors[f"load {name}"] = mesh_errors(model, ref)
+            errors[f"load {name} state"] = state_errors(model, opt, ref, ref_opt)[0]
         if shape == (1, 1):
             reference_step(model, opt, i, world, clip)
         else:
             mesh_step(model, opt, i, clip)
         reference_step(ref, ref_opt, i, world, clip)
         errors[f"step on {name}"] = mesh_errors(model, ref)
+        errors[f"step on {name} state"] = state_errors(model, opt, ref, ref_opt)[0]
         P.save_sharded_checkpoint(out, model, opt, extra={"stop": i})
         if shape == (1, 1):
             dist.barrier()
@@ -569,12 +684,18 @@ def check_mesh_reshard(_counts, clip=0.05):
 CHECKS = {
     "constructed": check_constructed, "errors": check_errors,
     "top_k": check_top_k, "top_k_eval": check_top_k_eval,
+    "padded": check_padded, "padded_binding": check_padded_binding,
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
     "compiled": check_compiled,
     "training": check_training, "reshard": check_reshard,
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
+    "mesh_training_factored": lambda c: check_mesh_training(c, "factored_adam"),
+    "mesh_reshard_factored": lambda c: check_mesh_reshard(c, "factored_adam"),
+    "mesh_training_replicated": lambda c: check_mesh_training(c, replicate=True),
+    "mesh_reshard_replicated": lambda c: check_mesh_reshard(c, "factored_adam",
+                                                            REPLICATED_STOPS),
 }
 
 

@@ -8,6 +8,7 @@ finish within its time limit fails instead of hanging.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -31,6 +32,7 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     counts = {2: [13, 9], 4: [13, 9, 4, 11]}[world]
     uneven = {2: [21, 0], 4: [5, 0, 17, 3]}[world]
     steps = [(name, name, counts) for name in LAYER_CHECKS]
+    steps += [("padded", "padded", counts), ("padded_binding", "padded_binding", counts)]
     steps += [("switch_capacity_uneven", "switch_capacity", uneven),
               ("rank_sends_nothing", "top_k", uneven),
               ("no_tokens_anywhere", "top_k", [0] * world),
@@ -43,8 +45,10 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     if world == 2:
         steps.append(("compiled", "compiled", counts))
     if world == 4:
-        steps += [("reshard", "reshard", counts), ("mesh_training", "mesh_training", counts),
-                  ("mesh_reshard", "mesh_reshard", counts)]
+        steps += [("reshard", "reshard", counts)]
+        steps += [(f"mesh_{check}{suffix}", f"mesh_{check}{suffix}", counts)
+                  for suffix in ("", "_factored", "_replicated")
+                  for check in ("training", "reshard")]
     return steps
 
 
@@ -98,6 +102,22 @@ def test_layer_equals_single_process(runs, world, name):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_padded_exchange(runs, world):
+    """``exchange_capacity``: with room for every row, the exact exchange's results (the
+    single-process layer), nothing dropped, ``W·n/W·C`` rows sent; binding (2 rows per
+    expert, top-1), the single-process layer with ``Capacity(tokens=2)`` on each rank's
+    slice, the same pairs dropped."""
+    roomy = results(runs, world, "padded")
+    assert_errors(roomy)
+    assert all(r["exchange_dropped"] == 0 for r in roomy)
+    assert all(r["rows_sent"] == [8 // world * 13] * world for r in roomy)  # C = max(counts)
+    binding = results(runs, world, "padded_binding")
+    assert_errors(binding)
+    assert all(r["exchange_dropped"] == r["reference_dropped"] for r in binding)
+    assert sum(r["exchange_dropped"] for r in binding) > 0
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_capacity_drops_pairs_like_one_process(runs, world):
     for name in ("switch_capacity", "switch_capacity_uneven"):
         per_rank = results(runs, world, name)
@@ -133,9 +153,10 @@ def test_bfloat16_autocast_matches_one_process(runs, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_exchange_bytes_are_what_travelled(runs, world):
-    """ExchangeStats against the bytes counted inside all_to_all_single (own rank excluded),
+    """ExchangeStats against the bytes counted in the all-to-all operator (own rank excluded),
     forward and backward; the compute-to-I/O ratio is the expert hidden width."""
     for res in results(runs, world, "bytes"):
+        assert res["calls"] == 5  # the counts, the rows and the outputs, then both in reverse
         assert res["reported"] == res["counted"] > 0
         assert res["forward_reported"] == res["forward_counted"]
         assert res["compute_to_io"] == 12  # HIDDEN of parallel_checks
@@ -160,29 +181,65 @@ def test_checkpoints_reshard_4_2_1_and_back(runs):
 
 
 def test_expert_parallel_layer_under_torch_compile(runs):
-    """Compiled (with graph breaks where the exchange reads its split sizes) equals eager."""
-    worst = assert_errors(results(runs, 2, "compiled"))
-    assert "grad experts.local.w1" in worst and "x_grad" in worst
+    """Compiled as one graph (``fullgraph=True``, no graph break) equals eager, forward and
+    backward, in training and evaluation, and with the padded exchange (no host read: it
+    compiles without capture_scalar_outputs); a second token count compiles at most one more
+    graph (the first call's sizes are specialised, then made dynamic)."""
+    per_rank = results(runs, 2, "compiled")
+    worst = assert_errors(per_rank)
+    for mode in ("training", "evaluation", "padded"):
+        assert f"{mode} grad experts.local.w1" in worst and f"{mode} x_grad 1" in worst
+        for res in per_rank:
+            assert res["frames"][mode]["breaks"] == 0 and res["frames"][mode]["graphs"] <= 2
 
 
-def test_mesh_training_equals_one_process(runs):
-    """FSDP2 over "dp", experts over "ep": 4x1, 2x2 and 1x4 meshes of 4 ranks against one
-    process, five Adam steps with clipping (losses, norms, clipped gradients, parameters)."""
-    (res, *_) = per_rank = results(runs, 4, "mesh_training")
+MESH_RUNS = {"adam": "", "factored_adam": "_factored", "replicated": "_replicated"}
+
+
+@pytest.mark.parametrize("run", MESH_RUNS)
+def test_mesh_training_equals_one_process(runs, run):
+    """Experts over "ep", FSDP2 over "dp" (or replicated over "dp" with FSDP2's replicate):
+    4x1, 2x2 and 1x4 meshes of 4 ranks against one process, five steps of Adam or
+    FactoredAdam with clipping (losses, norms, clipped gradients, parameters, and the
+    optimizer state relative to its magnitude: FactoredAdam's column factors summed over the
+    ranks holding the other rows); what each rank stores."""
+    (res, *_) = per_rank = results(runs, 4, f"mesh_training{MESH_RUNS[run]}")
     worst = assert_errors(per_rank)
     assert {k.split()[0] for k in worst} == {"4x1", "2x2", "1x4"}
+    assert "1x4 state" in worst
     assert min(res["norms"]) > res["clip"]  # clipping was active at every step
+    expected = ["col", "row", "step", "v"] if run == "factored_adam" else \
+        ["exp_avg", "exp_avg_sq", "step"]
+    assert res["state"] == expected
+    experts, rest = res["single"]
+    for r in per_rank:
+        for shape, (own_experts, own_rest) in r["stored"].items():
+            if run == "replicated":  # the ep group's experts, every other number
+                assert own_experts == experts // int(shape.split("x")[1]) and own_rest == rest
+            else:  # a quarter of the experts, at most a quarter (rounded up) of each other
+                assert own_experts == experts // 4 and own_rest < rest / 3
 
 
-def test_sharded_checkpoint_through_every_mesh(runs):
-    """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop; every rank wrote a
-    file; the consolidated file is the single-process state."""
-    per_rank = results(runs, 4, "mesh_reshard")
-    worst = assert_errors(per_rank, tol=1e-6)
+@pytest.mark.parametrize("run", MESH_RUNS)
+def test_sharded_checkpoint_through_every_mesh(runs, run):
+    """DCP: 4x1 -> 2x2 -> 1x4 -> one process -> 4x1, a step at each stop (replicated:
+    2x2 replicated -> 4x1 -> 1x4 replicated -> one process -> 4x1 replicated, FactoredAdam);
+    every rank wrote a file; the consolidated file is the single-process state. Parameters
+    within 1e-6, the optimizer state within 1e-5 of its magnitude, and every load exactly
+    what was saved (its errors are those of the step before it)."""
+    per_rank = results(runs, 4, f"mesh_reshard{MESH_RUNS[run]}")
+    worst = assert_errors(per_rank, tol=1e-5)
+    assert_errors([{"errors": {k: v for k, v in r["errors"].items() if "state" not in k}}
+                   for r in per_rank], tol=1e-6)
     assert "step on 4: 4x1" in worst and "load 3: 1x1" in worst and worst["extra"] == 0
+    stops = ["0: 2x2", "1: 4x1", "2: 1x4", "3: 1x1", "4: 4x1"] if run == "replicated" \
+        else ["0: 4x1", "1: 2x2", "2: 1x4", "3: 1x1", "4: 4x1"]
+    for before, stop in itertools.pairwise(stops):
+        for kind in ("", " state"):
+            assert worst[f"load {stop}{kind}"] == worst[f"step on {before}{kind}"], stop
     assert worst["consolidated keys"] == 0
     assert per_rank[0]["files"] == [".metadata", *(f"__{r}_0.distcp" for r in range(4)),
-                                    "extra.pt"]
+                                    "extra.pt", "extra.pt.sha256"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -217,6 +274,7 @@ def test_errors_name_what_is_wrong(runs, world):
     assert m["mesh_dims"] == ("ValueError: mesh must have the dimensions ('dp', 'ep') "
                               "(init_device_mesh(device, (dp, ep), mesh_dim_names=('dp', 'ep'))),"
                               " got ('ep',)")
+    assert m["replicate_type"] == "TypeError: replicate must be a bool, got str 'yes'"
     assert m["mesh_divisible"] == (f"ValueError: model: num_experts ({2 * world + 1}) must be "
                                    f"divisible by dp × ep (1 × {world} = {world}): every rank "
                                    f"stores num_experts / (dp × ep) experts")
@@ -230,6 +288,10 @@ def test_errors_without_a_process_group():
         parallel.expert_parallel(MoE(8, 4, k=2, hidden=8))
     with pytest.raises(TypeError, match="local must be an expert bank .* got Linear"):
         parallel.ExpertParallel(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="exchange_capacity must be >= 1, got 0"):
+        parallel.ExpertParallel(FeedForwardExperts(2, 8, 8), exchange_capacity=0)
+    with pytest.raises(TypeError, match="exchange_capacity must be an int, got float 2.0"):
+        parallel.ExpertParallel(FeedForwardExperts(2, 8, 8), exchange_capacity=2.0)
     with pytest.warns(DeprecationWarning, match="GradientSync is deprecated: use sparsemoe"
                       ".parallel.parallelize"), pytest.raises(RuntimeError, match="init_process"):
         parallel.GradientSync(MoE(8, 4, k=2, hidden=8))

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from sparsemoe import MoE, parallel
+from sparsemoe.experiments import lm
+from sparsemoe.experiments.runs import RunError
 
 
 def trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -82,3 +84,29 @@ def test_no_checkpoint(tmp_path):
     model, opt = trained(0)
     with pytest.raises(FileNotFoundError, match="no distributed checkpoint at .*nothing"):
         parallel.load_sharded_checkpoint(tmp_path / "nothing", model, opt)
+
+
+def test_extra_values_are_verified_by_their_checksum(tmp_path):
+    """``extra.pt`` has its SHA-256 beside it: one flipped byte, or no checksum file, is
+    refused by every reader (the load, the extra values alone, consolidate, the LM's resume)
+    with the path and the digests."""
+    model, opt = trained(0)
+    folder = parallel.save_sharded_checkpoint(tmp_path / "checkpoint", model, opt,
+                                              extra={"step": 3})
+    extra = folder / parallel.checkpoint.EXTRA
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".metadata", "__0_0.distcp", "extra.pt", "extra.pt.sha256"]
+    data = bytearray(extra.read_bytes())
+    data[len(data) // 2] ^= 1
+    extra.write_bytes(bytes(data))
+    corrupt = rf"{extra} is corrupt: its SHA-256 is [0-9a-f]{{64}}, extra.pt.sha256 records"
+    for read in (lambda: parallel.sharded_checkpoint_extra(folder),
+                 lambda: parallel.load_sharded_checkpoint(folder, model, opt),
+                 lambda: parallel.consolidate(folder, tmp_path / "one.pt")):
+        with pytest.raises(RuntimeError, match=corrupt):
+            read()
+    with pytest.raises(RunError, match=corrupt):
+        lm.latest_checkpoint(tmp_path)
+    (folder / "extra.pt.sha256").unlink()
+    with pytest.raises(RuntimeError, match="has no checksum file extra.pt.sha256 beside it"):
+        parallel.sharded_checkpoint_extra(folder)

@@ -9,6 +9,12 @@ column means; the full estimate is their outer product divided by their mean.
 An expert bank stacks its experts' matrices into one ``[n, d, h]`` parameter and their biases
 into one ``[n, h]``: the first is ``n`` matrices, the second ``n`` vectors, not a matrix.
 :func:`param_groups` tells the optimiser so (``expert_dims=1`` for the banks' parameters).
+
+On FSDP2 shards (DTensor parameters, :func:`sparsemoe.parallel.parallelize`) the state is
+computed with DTensor operations and is itself a DTensor: the row factor and the full moment
+shard like their parameter; the column factor of a matrix sharded along its rows sums each
+rank's rows (an all-reduce of ``c`` numbers) and is replicated; an expert bank's factors shard
+with its experts (dimension 0).
 """
 
 from __future__ import annotations
@@ -17,9 +23,21 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor, Replicate
 
 from ._checks import check_bool, check_int, check_number
 from .experts import FeedForwardExperts, LinearExperts
+
+
+def _mean(t: Tensor, dim: int) -> Tensor:
+    """``t.mean(dim)``. On a DTensor sharded along ``dim`` each rank sums its own part and one
+    all-reduce adds the sums (``Partial`` → ``Replicate``); DTensor's ``mean`` would all-gather
+    the whole tensor where the shards are uneven."""
+    total = t.sum(dim)
+    if isinstance(total, DTensor) and any(p.is_partial() for p in total.placements):
+        total = total.redistribute(placements=[Replicate() if p.is_partial() else p
+                                               for p in total.placements])
+    return total / t.shape[dim]
 
 
 def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
@@ -36,7 +54,7 @@ def factored_second_moment(row: Tensor, col: Tensor) -> Tensor:
     Returns:
         ``[..., r, c]``. A matrix whose factors are all zero gives zeros.
     """
-    mean = row.mean(-1).clamp_min(torch.finfo(row.dtype).tiny)[..., None, None]  # R ≥ 0
+    mean = _mean(row, -1).clamp_min(torch.finfo(row.dtype).tiny)[..., None, None]  # R ≥ 0
     return row.unsqueeze(-1) * col.unsqueeze(-2) / mean
 
 
@@ -110,14 +128,16 @@ class FactoredAdam(torch.optim.Optimizer):
         return group["factored"] and p.dim() - expert_dims >= 2
 
     def _init_state(self, p: Tensor, group: dict) -> dict:
+        """Zero state for ``p``: ``row [..., r]`` and ``col [..., c]`` for a matrix, else ``v``
+        shaped like ``p``; float32. On a DTensor, each shaped (and placed) like the mean of a
+        DTensor of ``p``'s placements over the last, or the second-to-last, dimension."""
         state = self.state[p]
         state["step"] = torch.zeros((), dtype=torch.float32)
+        zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
         if self.is_factored(p, group):
-            state["row"] = p.new_zeros(p.shape[:-1], dtype=torch.float32)
-            state["col"] = p.new_zeros(p.shape[:-2] + p.shape[-1:], dtype=torch.float32)
+            state["row"], state["col"] = _mean(zeros, -1), _mean(zeros, -2)
         else:
-            state["v"] = torch.zeros_like(p, dtype=torch.float32,
-                                          memory_format=torch.preserve_format)
+            state["v"] = zeros
         return state
 
     @torch.no_grad()
@@ -140,8 +160,8 @@ class FactoredAdam(torch.optim.Optimizer):
                 g = p.grad.float()
                 g2 = g * g
                 if "row" in state:
-                    state["row"].lerp_(g2.mean(-1), 1 - beta2)
-                    state["col"].lerp_(g2.mean(-2), 1 - beta2)
+                    state["row"].lerp_(_mean(g2, -1), 1 - beta2)
+                    state["col"].lerp_(_mean(g2, -2), 1 - beta2)
                     v = factored_second_moment(state["row"], state["col"])
                 else:
                     state["v"].lerp_(g2, 1 - beta2)
@@ -173,6 +193,8 @@ def param_groups(module: nn.Module) -> list[dict]:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in ``optimizer``'s per-parameter state tensors (the moment estimates)."""
-    return sum(t.numel() * t.element_size() for s in optimizer.state.values()
-               for t in s.values() if isinstance(t, Tensor) and t.dim() > 0)
+    """Bytes held in ``optimizer``'s per-parameter state tensors (the moment estimates) on
+    this process: a DTensor's local shard (or replica)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for s in optimizer.state.values()
+             for t in s.values() if isinstance(t, Tensor) and t.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in local)

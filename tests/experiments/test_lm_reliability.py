@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import tiny_config
 
+from sparsemoe._checksum import sha256
 from sparsemoe.cli import main
 from sparsemoe.experiments import lm, lm_report, runs
 from sparsemoe.experiments.runs import RunError
@@ -208,7 +209,7 @@ def test_crafted_and_corrupt_checkpoints_are_refused_by_every_command(corpus_fil
     ck = torch.load(__import__("io").BytesIO(good), weights_only=True)
     ck["config"] = {"corpus": Touch(marker)}
     torch.save(ck, path)
-    runs.checksum_path(path).write_text(f"{runs._sha256(path.read_bytes())}  checkpoint.pt\n")
+    runs.checksum_path(path).write_text(f"{sha256(path.read_bytes())}  checkpoint.pt\n")
     for command in (["lm", "eval", "--checkpoint", str(run)],
                     ["lm", "experts", "--checkpoint", str(run)]):
         with pytest.raises(SystemExit):

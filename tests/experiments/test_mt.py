@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsemoe._checksum import sha256
 from sparsemoe.cli import main
 from sparsemoe.experiments import mt, runs
 from sparsemoe.experiments.mt import (
@@ -117,7 +118,7 @@ def test_crafted_and_corrupt_checkpoints_are_refused(tsv, tmp_path, capsys):
     ck = torch.load(io.BytesIO(good), weights_only=True)
     ck["config"] = {"corpus": Touch(marker)}
     torch.save(ck, path)
-    runs.checksum_path(path).write_text(f"{runs._sha256(path.read_bytes())}  checkpoint.pt\n")
+    runs.checksum_path(path).write_text(f"{sha256(path.read_bytes())}  checkpoint.pt\n")
     lines = tmp_path / "lines.txt"
     lines.write_text("alpha beta\n")
     for command in (["mt", "eval", "--checkpoint", str(run)],

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsemoe._checksum import sha256
 from sparsemoe.experiments import runs
 from sparsemoe.experiments.runs import RunError
 
@@ -99,11 +100,11 @@ def test_foreign_and_truncated_files_give_a_clear_error(tmp_path):
     # foreign bytes whose checksum matches (written beside them): still not EOFError/KeyError
     for data in (b"not a checkpoint at all", b""):
         path.write_bytes(data)
-        runs.checksum_path(path).write_text(f"{runs._sha256(data)}  checkpoint.pt\n")
+        runs.checksum_path(path).write_text(f"{sha256(data)}  checkpoint.pt\n")
         with pytest.raises(RunError, match=f"{path} cannot be loaded safely"):
             runs.load_checkpoint(path)
     torch.save([1, 2], path)
-    runs.checksum_path(path).write_text(f"{runs._sha256(path.read_bytes())}  checkpoint.pt\n")
+    runs.checksum_path(path).write_text(f"{sha256(path.read_bytes())}  checkpoint.pt\n")
     with pytest.raises(RunError, match=f"{path} holds a list, not a checkpoint dictionary"):
         runs.load_checkpoint(path)
 
@@ -123,7 +124,7 @@ def test_a_crafted_pickle_does_not_run(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"config": _Touch(marker), "step": 1}, path)
     # the attacker also writes a matching checksum: integrity alone does not protect
-    runs.checksum_path(path).write_text(f"{runs._sha256(path.read_bytes())}  checkpoint.pt\n")
+    runs.checksum_path(path).write_text(f"{sha256(path.read_bytes())}  checkpoint.pt\n")
     torch.load(path, weights_only=False)  # the unsafe way does run it ...
     assert marker.exists()
     marker.unlink()

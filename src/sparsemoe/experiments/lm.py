@@ -194,7 +194,10 @@ def latest_checkpoint(run_dir: str | Path) -> tuple[dict, Path | None] | None:
         found.append((runs.load_checkpoint(run_dir / CHECKPOINT, CHECKPOINT_KEYS), None))
     folder = sharded_checkpoint_path(run_dir / SHARDED_CHECKPOINT)
     if folder is not None:
-        extra = sharded_checkpoint_extra(folder)
+        try:
+            extra = sharded_checkpoint_extra(folder)
+        except RuntimeError as e:  # extra.pt corrupt or without its checksum
+            raise runs.RunError(str(e)) from e
         missing = [k for k in EXTRA_KEYS if k not in extra]
         if missing:
             raise runs.RunError(f"{folder} is not a checkpoint of this kind: it lacks {missing}")
@@ -206,10 +209,6 @@ def _optimizer(model: torch.nn.Module, cfg: LMTrainConfig) -> torch.optim.Optimi
     """``cfg.optimizer`` over ``model``'s parameters."""
     sharded = any(isinstance(p, DTensor) for p in model.parameters())
     if cfg.optimizer == "factored-adam":
-        if sharded:
-            raise ValueError("optimizer 'factored-adam' keeps per-matrix factors that are not "
-                             "shaped like the FSDP2 shards of their parameters; use optimizer "
-                             "'adam' or 'adamw' on a device mesh")
         return FactoredAdam(param_groups(model), lr=cfg.lr)
     if cfg.optimizer == "adamw":
         return _adamw(model, cfg, fused=not sharded)

@@ -27,7 +27,6 @@ import abc
 import contextlib
 import errno
 import fcntl
-import hashlib
 import io
 import json
 import math
@@ -43,8 +42,9 @@ from typing import BinaryIO
 import torch
 from tqdm.auto import tqdm
 
+from .._checksum import checksum_path, checksum_text, read_verified
+
 LOCK = ".lock"
-CHECKSUM_SUFFIX = ".sha256"
 
 
 class RunError(RuntimeError):
@@ -119,16 +119,6 @@ def save_figure(fig, path: str | Path, **kwargs) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, **kwargs))
 
 
-def checksum_path(path: str | Path) -> Path:
-    """Where the SHA-256 of a checkpoint is kept: beside it, with ``.sha256`` appended."""
-    path = Path(path)
-    return path.with_name(path.name + CHECKSUM_SUFFIX)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def save_checkpoint(path: str | Path, obj: dict) -> Path:
     """Save ``obj`` (tensors and plain types only: dict, list, tuple, str, int, float, bool,
     None) with ``torch.save``, atomically, and its SHA-256 beside it.
@@ -141,10 +131,7 @@ def save_checkpoint(path: str | Path, obj: dict) -> Path:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     data = buffer.getvalue()
-    digests = [_sha256(data)]
-    if path.exists():
-        digests.append(_sha256(path.read_bytes()))
-    write_text(checksum_path(path), "".join(f"{d}  {path.name}\n" for d in digests))
+    write_text(checksum_path(path), checksum_text(path, data))
     atomic_write(path, data)
     return path
 
@@ -165,16 +152,7 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RunError(f"no checkpoint at {path}")
-    digest_file = checksum_path(path)
-    if not digest_file.is_file():
-        raise RunError(f"{path} has no checksum file {digest_file.name} beside it, so its "
-                       f"integrity cannot be verified; it was not written by sparsemoe")
-    data = path.read_bytes()
-    recorded = [line.split()[0] for line in digest_file.read_text().splitlines() if line.split()]
-    actual = _sha256(data)
-    if actual not in recorded:
-        raise RunError(f"{path} is corrupt: its SHA-256 is {actual}, {digest_file.name} "
-                       f"records {' or '.join(recorded) or 'nothing'}")
+    data = read_verified(path, RunError)
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except Exception as e:

@@ -15,9 +15,11 @@ data-parallel: every rank holds a copy and routes its own tokens. One forward of
    paper's remedy for the shrinking batch);
 4. the outputs go back by the reverse exchange and are combined by the gates, as on one process.
 
-The exchanges are autograd functions whose backward is the reverse exchange, so gradients
-travel back the same way. Parallelism is chosen once, at construction: :class:`ExpertParallel`
-is an expert bank like any other, and ``MoELayer.forward`` runs unchanged on it.
+The exchanges are torch's functional collectives (``all_to_all_single_autograd``), whose
+backward is the reverse exchange, so gradients travel back the same way; ``torch.compile``
+traces them into the layer's graph. Parallelism is chosen once, at construction:
+:class:`ExpertParallel` is an expert bank like any other, and ``MoELayer.forward`` runs
+unchanged on it.
 
 - :func:`expert_parallel` shards the banks of a model built for one process (the usual way:
   build the same model on every rank with the same seed, then shard it);

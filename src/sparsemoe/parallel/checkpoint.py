@@ -8,16 +8,22 @@ tensor is described by its global shape, so DCP reshards on load. FSDP2's parame
 optimizer state are already DTensors of their global shape; an expert bank's shard is
 rewritten as a DTensor ``Shard(0)`` of the whole bank over the ranks in ep-major order (rank
 ``(i, j)`` of a ``dp × ep`` mesh holds rows ``(j·dp + i)·n/W …`` of the stacked bank, see
-:mod:`sparsemoe.parallel.mesh`).
+:mod:`sparsemoe.parallel.mesh`); replicated (``parallelize(..., replicate=True)``), as a
+DTensor ``(Replicate(), Shard(0))`` on the mesh (rank ``(i, j)`` holds rows ``j·n/ep …``). The
+optimizer state of an expert bank (Adam's moments, FactoredAdam's per-expert factors) has the
+experts along dimension 0 too and is described the same way.
 
 A save writes a new folder beside the checkpoint and then switches: ``path.new`` is written
 by every rank, then rank 0 renames ``path`` to ``path.old``, ``path.new`` to ``path`` and
 removes ``path.old``. A crash at any point leaves a complete checkpoint: ``path`` or, between
-the renames, ``path.old``, which :func:`load_sharded_checkpoint` falls back on.
+the renames, ``path.old``, which :func:`load_sharded_checkpoint` falls back on. The plain
+values saved beside the tensors (``extra.pt``) have their SHA-256 beside them
+(``extra.pt.sha256``, :mod:`sparsemoe._checksum`), checked whenever they are read.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 from pathlib import Path
@@ -28,8 +34,9 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
+from .._checksum import checksum_path, checksum_text, read_verified
 from .exchange import ExpertParallel
 from .mesh import model_mesh
 from .model import _bank_keys
@@ -56,7 +63,8 @@ def _global(t: Tensor, bank: ExpertParallel, model: nn.Module) -> Tensor:
     local = _local(t)
     shape = torch.Size((bank.num_experts, *local.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, model_mesh(model).experts, [Shard(0)], run_check=False,
+    layout = model_mesh(model)
+    return DTensor.from_local(local, layout.experts, layout.expert_placements, run_check=False,
                               shape=shape, stride=stride)
 
 
@@ -120,7 +128,8 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module,
         path: the checkpoint folder (replaced).
         model: a :func:`~sparsemoe.parallel.parallelize`-d model, or a model on one process.
         optimizer: its optimizer (state shaped like the parameters, or scalars: Adam, AdamW,
-            SGD with momentum).
+            SGD with momentum; or :class:`~sparsemoe.optim.FactoredAdam`, whose factors are
+            DTensors on the mesh and have an expert bank's experts along dimension 0).
         extra: plain values (tensors, numbers, strings, lists, dicts) of rank 0, saved with
             ``torch.save`` in ``path/extra.pt``.
 
@@ -141,7 +150,10 @@ def save_sharded_checkpoint(path: str | Path, model: nn.Module,
     dcp.save(saved, checkpoint_id=new, no_dist=model_mesh(model) is None)
     if _is_root(model):
         if extra is not None:
-            torch.save(extra, new / EXTRA)
+            buffer = io.BytesIO()
+            torch.save(extra, buffer)
+            checksum_path(new / EXTRA).write_text(checksum_text(new / EXTRA, buffer.getvalue()))
+            (new / EXTRA).write_bytes(buffer.getvalue())
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():
             os.replace(path, old)
@@ -171,9 +183,16 @@ def _complete(path: str | Path) -> Path:
 
 
 def _extra(found: Path) -> dict:
-    """The ``extra`` values saved in the complete checkpoint ``found`` (empty without them)."""
+    """The ``extra`` values saved in the complete checkpoint ``found`` (empty without them),
+    verified against their checksum.
+
+    Raises:
+        RuntimeError: ``extra.pt`` has no checksum file, or does not match it.
+    """
     extra = found / EXTRA
-    return torch.load(extra, weights_only=True) if extra.is_file() else {}
+    if not extra.is_file():
+        return {}
+    return torch.load(io.BytesIO(read_verified(extra, RuntimeError)), weights_only=True)
 
 
 def load_sharded_checkpoint(path: str | Path, model: nn.Module,
@@ -187,6 +206,7 @@ def load_sharded_checkpoint(path: str | Path, model: nn.Module,
 
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
+        RuntimeError: its ``extra.pt`` does not match its checksum (or has none).
     """
     found = _complete(path)
     live, saved = _states(model, optimizer)
@@ -206,6 +226,7 @@ def sharded_checkpoint_extra(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: ``path`` holds no complete checkpoint.
+        RuntimeError: its ``extra.pt`` does not match its checksum (or has none).
     """
     return _extra(_complete(path))
 

@@ -12,35 +12,23 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import _functional_collectives as funcol
 
-from .._checks import autocast_dtype, check_expert_bank
+from .._checks import autocast_dtype, check_expert_bank, check_int
 from ..dispatch import SortedPairs, gather_tokens, sort_by_expert, unsort
 from ..experts import FeedForwardExperts
 
 ProcessGroup = dist.ProcessGroup
 
 
-def _exchange(x: Tensor, recv_rows: list[int], send_rows: list[int], group) -> Tensor:
-    out = x.new_empty((sum(recv_rows), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_rows, send_rows, group=group)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, recv_rows, send_rows, group, anchor):
-        ctx.rows, ctx.group = (recv_rows, send_rows), group
-        return _exchange(x, recv_rows, send_rows, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        recv_rows, send_rows = ctx.rows
-        return _exchange(grad, send_rows, recv_rows, ctx.group), None, None, None, None
+def _resolved(group: ProcessGroup | None) -> ProcessGroup:
+    """The process group that ``None`` stands for: the default group."""
+    return group if group is not None else dist.group.WORLD
 
 
 def all_to_all(
@@ -49,9 +37,12 @@ def all_to_all(
     """Differentiable ``all_to_all_single`` with uneven splits: rows ``send_rows[j]`` of ``x``
     go to rank ``j``; ``recv_rows[j]`` rows come from rank ``j``, in rank order.
 
-    The backward is the reverse exchange. It runs on every rank whenever gradients are
-    enabled, even where ``x`` does not require a gradient: the other ranks' gradients pass
-    through this rank's exchange, so skipping it would leave them waiting.
+    torch's functional collective (``all_to_all_single_autograd``): ``torch.compile`` traces
+    it as one operator of the graph, with ``recv_rows`` and ``send_rows`` symbolic where they
+    were read from tensors. The backward is the reverse exchange. It runs where ``x`` requires
+    a gradient, so every rank of the group must pass an ``x`` that requires a gradient, or
+    none may (the same model on every rank does): a rank that skipped it would leave the
+    others waiting in theirs.
 
     Args:
         x: ``[sum(send_rows), ...]``.
@@ -61,8 +52,8 @@ def all_to_all(
     Returns:
         ``[sum(recv_rows), ...]``.
     """
-    anchor = torch.empty(0, device=x.device, requires_grad=True)
-    return _AllToAll.apply(x, recv_rows, send_rows, group, anchor)
+    return funcol.all_to_all_single_autograd(x.contiguous(), recv_rows, send_rows,
+                                             _resolved(group))
 
 
 @dataclass(frozen=True)
@@ -82,6 +73,9 @@ class ExchangeStats:
         count_bytes: bytes of the per-expert counts sent to the other ranks.
         multiply_adds_per_row: of the local experts (None when the bank does not say).
         io_per_row: numbers entering and leaving an expert per row (``d + d_out``).
+        dropped_rows: with an ``exchange_capacity``, the rows beyond it that this rank did not
+            send (a 0-dim tensor, read when logging: reading it waits for the device); None
+            for the exact exchange.
     """
 
     rank: int
@@ -92,6 +86,7 @@ class ExchangeStats:
     count_bytes: int
     multiply_adds_per_row: int | None
     io_per_row: int
+    dropped_rows: Tensor | None = field(default=None, compare=False)
 
     @property
     def remote_rows_sent(self) -> int:
@@ -187,19 +182,42 @@ class ExpertParallel(nn.Module):
 
     After each forward, :attr:`last_exchange` holds the :class:`ExchangeStats`.
 
+    Two exchanges:
+
+    - exact (``exchange_capacity=None``): the ranks first exchange their per-expert counts and
+      read them on the host (one ``.tolist()``), then every row travels, with uneven splits;
+    - padded (``exchange_capacity=C``, GShard's static shapes): each rank sends exactly ``C``
+      rows to each expert, its first ``C`` rows for that expert in sorted order (token
+      order) and zeros after them; rows beyond ``C`` are dropped (output 0, no gradient, as a
+      capacity's dropped pairs: the token keeps its other experts). Every shape is fixed, so
+      nothing is read on the host; each expert computes ``W·C`` rows, padding included (its
+      outputs are discarded and contribute no gradient). With ``C`` at least the most rows a
+      rank sends one expert, it equals the exact exchange.
+
     Args:
         local: this rank's expert bank (``num_experts`` = ``n/W``).
         group: the process group (None: the default group).
+        exchange_capacity: rows each rank sends to each expert (padded exchange), or None
+            (exact exchange).
+
+    Raises:
+        TypeError: ``local`` is not an expert bank, or ``exchange_capacity`` not an int.
+        ValueError: ``exchange_capacity`` is below 1.
+        RuntimeError: no process group is initialised.
 
     Shape:
         ``[N, d]`` rows sorted by global expert, with :class:`~sparsemoe.dispatch.SortedPairs` over
         ``n`` experts → ``[N, d_out]``.
     """
 
-    def __init__(self, local: nn.Module, group: ProcessGroup | None = None) -> None:
+    def __init__(self, local: nn.Module, group: ProcessGroup | None = None,
+                 exchange_capacity: int | None = None) -> None:
         super().__init__()
         check_expert_bank("local", local)
+        if exchange_capacity is not None:
+            check_int("exchange_capacity", exchange_capacity)
         require_distributed()
+        self.exchange_capacity = exchange_capacity
         self.local = local
         self.group = group
         self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
@@ -209,14 +227,16 @@ class ExpertParallel(nn.Module):
         self.last_exchange: ExchangeStats | None = None
 
     def forward(self, x: Tensor, routes: SortedPairs) -> Tensor:
-        w, n_local = self.world_size, self.num_local_experts
-        send = routes.tokens_per_expert.reshape(w, n_local).contiguous()  # [W, n_l]
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # [W, n_l] from each rank
-        send_rows, recv_rows = torch.stack([send.sum(1), recv.sum(1)]).tolist()  # one host sync
         dt = autocast_dtype(x.device.type)
         if dt is not None:
             x = x.to(dt)
+        if self.exchange_capacity is not None:
+            return self._padded(x, routes, self.exchange_capacity)
+        w, n_local = self.world_size, self.num_local_experts
+        send = routes.tokens_per_expert.reshape(w, n_local).contiguous()  # [W, n_l]
+        recv = funcol.all_to_all_single(send, None, None, _resolved(self.group))  # [W, n_l]
+        # the one host read; symbolic sizes under torch.compile with capture_scalar_outputs
+        send_rows, recv_rows = torch.stack([send.sum(1), recv.sum(1)]).tolist()
         masked = x.shape[0] - sum(send_rows)  # rows of masked pairs, last (see SortedPairs)
         x = x[:sum(send_rows)]
         x_recv = all_to_all(x, recv_rows, send_rows, self.group)  # [M, d]: by rank, then expert
@@ -226,22 +246,59 @@ class ExpertParallel(nn.Module):
         local_routes = sort_by_expert(expert[:, None], n_local)
         y_local = self.local(gather_tokens(x_recv, local_routes, 1), local_routes)
         y = all_to_all(unsort(y_local, local_routes), send_rows, recv_rows, self.group)
-        if masked:
-            y = torch.cat([y, y.new_zeros(masked, y.shape[1])])
+        torch._check(masked >= 0)  # for the compiler: sizes it cannot see are not negative
+        y = torch.cat([y, y.new_zeros(masked, y.shape[1])])
+        self._record(x, y_local, send_rows, recv_rows, (w - 1) * n_local * send.element_size())
+        return y
+
+    def _padded(self, x: Tensor, routes: SortedPairs, capacity: int) -> Tensor:
+        """The padded exchange (see the class): ``[N, d]`` → ``[N, d_out]``, fixed shapes."""
+        w, n_local, n = self.world_size, self.num_local_experts, self.num_experts
+        rows = torch.arange(x.shape[0], device=x.device)
+        start = routes.tokens_per_expert.cumsum(0) - routes.tokens_per_expert  # [n]
+        position = rows - start[routes.expert_index]  # [N] within the row's expert
+        sent = position < capacity
+        if routes.computed is not None:
+            sent = sent & routes.computed
+        # slot e·C + position in the [n·C] send buffer; rows not sent go to a last, dropped slot
+        slot = torch.where(sent, routes.expert_index * capacity + position, n * capacity)
+        buffer = x.new_zeros(n * capacity + 1, x.shape[1]).index_add(0, slot, x)
+        per_rank = [n_local * capacity] * w
+        x_recv = all_to_all(buffer[:-1], per_rank, per_rank, self.group)  # [W·n_l·C, d]
+        # by local expert, then sending rank: each expert's W·C rows in one block
+        x_local = x_recv.reshape(w, n_local, capacity, -1).transpose(0, 1)
+        x_local = x_local.reshape(w * n_local * capacity, -1)
+        block = torch.full((n_local,), w * capacity, device=x.device)
+        expert = torch.arange(n_local, device=x.device).repeat_interleave(
+            w * capacity, output_size=w * n_local * capacity)
+        local_rows = torch.arange(w * n_local * capacity, device=x.device)
+        y_local = self.local(x_local, SortedPairs(local_rows, local_rows, expert, block))
+        y_back = y_local.reshape(n_local, w, capacity, -1).transpose(0, 1)
+        y_back = y_back.reshape(w * n_local * capacity, -1)
+        y = all_to_all(y_back, per_rank, per_rank, self.group)  # [n·C, d_out] by global expert
+        y = torch.cat([y, y.new_zeros(1, y.shape[1])]).index_select(0, slot)
+        computed = sent.new_ones(()) if routes.computed is None else routes.computed
+        dropped = (~sent & computed).sum()
+        self._record(x, y_local, per_rank, per_rank, 0, dropped)
+        return y
+
+    def _record(self, x: Tensor, y_local: Tensor, send_rows: list[int], recv_rows: list[int],
+                count_bytes: int, dropped: Tensor | None = None) -> None:
         self.last_exchange = ExchangeStats(
             rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
             bytes_in_row=x.shape[1] * x.element_size(),
             bytes_out_row=y_local.shape[1] * y_local.element_size(),
-            count_bytes=(w - 1) * n_local * send.element_size(),
+            count_bytes=count_bytes,
             multiply_adds_per_row=getattr(self.local, "multiply_adds_per_row", None),
-            io_per_row=x.shape[1] + y_local.shape[1],
+            io_per_row=x.shape[1] + y_local.shape[1], dropped_rows=dropped,
         )
-        return y
 
     def extra_repr(self) -> str:
+        padded = (f", exchange_capacity={self.exchange_capacity}"
+                  if self.exchange_capacity is not None else "")
         return (f"num_experts={self.num_experts}, world_size={self.world_size}, "
                 f"rank={self.rank}, experts {self.first_expert}..."
-                f"{self.first_expert + self.num_local_experts - 1} on this rank")
+                f"{self.first_expert + self.num_local_experts - 1} on this rank{padded}")
 
 
 def rank_seed(group: ProcessGroup | None = None) -> int:
@@ -264,9 +321,11 @@ def rank_seeded(group: ProcessGroup | None = None) -> Iterator[None]:
         yield
 
 
-def shard_experts(bank: FeedForwardExperts, group: ProcessGroup | None = None) -> ExpertParallel:
+def shard_experts(bank: FeedForwardExperts, group: ProcessGroup | None = None,
+                  exchange_capacity: int | None = None) -> ExpertParallel:
     """This rank's share of a whole bank: experts ``r·n/W … (r+1)·n/W − 1`` of ``bank``
-    (copied; ``bank`` is left unchanged), as an :class:`ExpertParallel` bank over ``group``.
+    (copied; ``bank`` is left unchanged), as an :class:`ExpertParallel` bank over ``group``
+    with the exact exchange, or the padded one of ``exchange_capacity`` rows per expert.
 
     Raises:
         TypeError: ``bank`` is not a :class:`~sparsemoe.experts.FeedForwardExperts`.
@@ -282,7 +341,7 @@ def shard_experts(bank: FeedForwardExperts, group: ProcessGroup | None = None) -
     for name, p in bank.named_parameters(recurse=False):
         share = p.detach()[first : first + n_local].clone()
         setattr(local, name, nn.Parameter(share, requires_grad=p.requires_grad))
-    return ExpertParallel(local, group)
+    return ExpertParallel(local, group, exchange_capacity)
 
 
 def check_feed_forward_bank(bank: nn.Module, name: str) -> None:

@@ -1,7 +1,7 @@
-"""Expert and sharded data parallelism on one ``DeviceMesh`` with dimensions ``("dp", "ep")``:
-:func:`parallelize` (FSDP2 over "dp", experts over "ep"), :func:`clip_grad_norm_` over the
-whole model, and distributed checkpoints (``torch.distributed.checkpoint``) that load into
-any mesh shape or into one process.
+"""Expert and sharded (or replicated) data parallelism on one ``DeviceMesh`` with dimensions
+``("dp", "ep")``: :func:`parallelize` (FSDP2 over "dp", experts over "ep"),
+:func:`clip_grad_norm_` over the whole model, and distributed checkpoints
+(``torch.distributed.checkpoint``) that load into any mesh shape or into one process.
 
 Layout on a ``dp × ep`` mesh of ``W = dp·ep`` ranks, rank ``(i, j)`` (``i`` along "dp", ``j``
 along "ep"), ``n`` experts:
@@ -19,6 +19,12 @@ reduce-scatter. An expert's gradient on rank ``(i, j)`` already sums the contrib
 sums the ``dp`` groups and divides by ``W`` (not ``dp``): ``(1/W) Σ_r ∂L_r/∂θ``, as on one
 process with all tokens.
 
+With ``replicate=True`` the same groups replicate instead of shard (the data parallelism of
+DDP): FSDP2's ``replicate`` (``torch.distributed._composable.replicate_with_fsdp``) in place of
+``fully_shard``, each rank holding its ep group's ``n/ep`` experts and every other parameter
+whole, as ``Replicate`` DTensors; the reduce-scatters become all-reduces with the same sums
+and divisors.
+
 Above :mod:`sparsemoe.parallel.model`; torch's FSDP2, DTensor and DCP do the work.
 """
 
@@ -30,11 +36,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_module
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from .._checks import check_number
+from .._checks import check_bool, check_number
 from ..module import MoEModule
 from .model import _expert_banks, _same_group, expert_parallel
 
@@ -53,26 +60,38 @@ def _check_mesh(mesh: DeviceMesh) -> None:
 
 
 class _ModelMesh:
-    """What :func:`parallelize` leaves on the model: the mesh, and the 1-D mesh that orders the
-    ranks as the experts' shards lie along the stacked banks (ep-major: rank ``(i, j)`` at
-    position ``j·dp + i``), which describes the experts' global layout in checkpoints."""
+    """What :func:`parallelize` leaves on the model: the mesh, and the mesh and placements
+    that describe each rank's expert rows as a part of the stacked banks in checkpoints.
 
-    def __init__(self, mesh: DeviceMesh) -> None:
+    Sharded: a 1-D mesh that orders the ranks as their shards lie along the banks (ep-major:
+    rank ``(i, j)`` at position ``j·dp + i``), ``Shard(0)``. Replicated: the mesh itself,
+    ``(Replicate(), Shard(0))`` (the dp ranks hold copies of their ep group's rows)."""
+
+    def __init__(self, mesh: DeviceMesh, replicate: bool) -> None:
         self.mesh = mesh
-        # layout only (no process group): checkpoints place the shards by it, DCP communicates
-        # over the default group
-        self.experts = DeviceMesh(mesh.device_type, mesh.mesh.t().reshape(-1),
-                                  mesh_dim_names=("ep_dp",), _init_backend=False)
+        self.experts: DeviceMesh
+        self.expert_placements: tuple[Placement, ...]
+        if replicate:
+            self.experts, self.expert_placements = mesh, (Replicate(), Shard(0))
+        else:
+            # layout only (no process group): checkpoints place the shards by it, DCP
+            # communicates over the default group
+            self.experts = DeviceMesh(mesh.device_type, mesh.mesh.t().reshape(-1),
+                                      mesh_dim_names=("ep_dp",), _init_backend=False)
+            self.expert_placements = (Shard(0),)
 
 
 def _backend(group: dist.ProcessGroup, device_type: str):
     return group._get_backend(torch.device(device_type))
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None,
+                replicate: bool = False, exchange_capacity: int | None = None) -> nn.Module:
     """Spread ``model`` over a ``dp × ep`` ``DeviceMesh``, in place: every MoE layer's experts
     over "ep" (:func:`~sparsemoe.parallel.expert_parallel` on the ep group), then FSDP2
-    (``fully_shard``) over "dp" for each expert bank and over the whole mesh for the rest.
+    (``fully_shard``) over "dp" for each expert bank and over the whole mesh for the rest;
+    with ``replicate``, FSDP2's ``replicate`` over the same groups (DDP's layout: copies and
+    all-reduced gradients, no sharding).
 
     Build the same single-process model on every rank (the same seed) and call this: the
     distributed model starts from the single-process weights. Train with an ordinary loop;
@@ -90,6 +109,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
         timeout: seconds a collective of the mesh's groups (the expert exchange, FSDP's
             all-gathers and reduce-scatters, the norm) waits for the other ranks before it
             raises; None: the default process group's (``init_process_group(timeout=...)``).
+        replicate: replicate over "dp" (the experts) and the whole mesh (the rest) instead of
+            sharding: more memory per rank, no all-gather in the forward and backward.
+        exchange_capacity: rows each rank sends to each expert in the padded exchange (no
+            host read; :class:`~sparsemoe.parallel.ExpertParallel`), or None for the exact one.
 
     Returns:
         ``model`` (now an FSDP2 module).
@@ -99,8 +122,12 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
         ValueError: the mesh's dimensions are not ``("dp", "ep")``, the model has no MoE layer,
             a layer's number of experts is not divisible by ``dp·ep``, a layer's experts are
             already spread over another group, or ``timeout`` is not positive.
+        TypeError: ``replicate`` is not a bool, or ``exchange_capacity`` not an int.
+        ValueError: ``exchange_capacity`` is below 1.
     """
     _check_mesh(mesh)
+    check_bool("replicate", replicate)
+    spread = replicate_module if replicate else fully_shard
     if timeout is None:
         wait = _backend(dist.group.WORLD, mesh.device_type).options._timeout
     else:
@@ -113,23 +140,24 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, timeout: float | None = None
                              f"divisible by dp × ep ({mesh.size(0)} × {mesh.size(1)} = {world}):"
                              f" every rank stores num_experts / (dp × ep) experts")
     ep_group = mesh.get_group("ep")
-    expert_parallel(model, ep_group)
+    expert_parallel(model, ep_group, exchange_capacity)
     for name, bank in _expert_banks(model).items():
         if not _same_group(bank.group, ep_group):
             raise ValueError(f"{name}: the layer's experts are spread over another process group "
                              f"than the mesh's 'ep' dimension; build the layer for one process "
                              f"(no process_group) and let parallelize spread it")
-        fully_shard(bank.local, mesh=mesh["dp"])
+        spread(bank.local, mesh=mesh["dp"])
         bank.local.set_gradient_divide_factor(float(world))
-        # A sum, then the division: the pre-multiplied sum that a divisor other than the
-        # group's size needs is NCCL's only (gloo has none). Not on one dp rank, where
-        # torch 2.13 would then divide twice.
-        bank.local.set_force_sum_reduction_for_comms(mesh.size(0) > 1)
+        # Sharded: a sum, then the division; the pre-multiplied sum that a divisor other than
+        # the group's size needs is NCCL's only (gloo has none). Not where FSDP2 has no
+        # reduce-scatter to run (one dp rank, or replicated): torch 2.13 divides the local
+        # gradient there and would then divide again after the sum.
+        bank.local.set_force_sum_reduction_for_comms(mesh.size(0) > 1 and not replicate)
     everyone = mesh._flatten("dp_ep")
-    fully_shard(model, mesh=everyone)
+    spread(model, mesh=everyone)
     for group in (mesh.get_group("dp"), mesh.get_group("ep"), everyone.get_group()):
         _backend(group, mesh.device_type)._set_default_timeout(wait)
-    setattr(model, _MESH_ATTR, _ModelMesh(mesh))
+    setattr(model, _MESH_ATTR, _ModelMesh(mesh, replicate))
     return model
 
 

@@ -31,11 +31,13 @@ def _same_group(a: ProcessGroup | None, b: ProcessGroup | None) -> bool:
     return (a if a is not None else world) is (b if b is not None else world)
 
 
-def expert_parallel(model: nn.Module, group: ProcessGroup | None = None) -> nn.Module:
+def expert_parallel(model: nn.Module, group: ProcessGroup | None = None,
+                    exchange_capacity: int | None = None) -> nn.Module:
     """Shard every MoE layer of ``model`` over ``group``, in place: each layer's
     :class:`~sparsemoe.experts.FeedForwardExperts` bank is replaced by this rank's share of it
-    (:func:`shard_experts`). Routers, shared experts and every other parameter stay whole:
-    they are data-parallel.
+    (:func:`shard_experts`), with the exact exchange or, given ``exchange_capacity``, the
+    padded one (:class:`ExpertParallel`; a layer built already spread keeps its own). Routers,
+    shared experts and every other parameter stay whole: they are data-parallel.
 
     Build the same single-process model on every rank (the same seed) and call this: the
     distributed model then starts from exactly the single-process weights.
@@ -53,7 +55,7 @@ def expert_parallel(model: nn.Module, group: ProcessGroup | None = None) -> nn.M
         raise ValueError(f"model ({type(model).__name__}) contains no sparsemoe MoE layer")
     for layer in layers:
         if not isinstance(layer.experts, ExpertParallel):
-            layer.experts = shard_experts(layer.experts, group)
+            layer.experts = shard_experts(layer.experts, group, exchange_capacity)
     return model
 
 
