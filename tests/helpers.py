@@ -2,7 +2,10 @@
 the check that a float32 layer equals a float64 reference in its output, auxiliary loss and every
 gradient."""
 
+import importlib.util
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -129,3 +132,16 @@ def join_within(ctx, timeout: float, what: str) -> None:
                 if p.is_alive():
                     p.kill()
             pytest.fail(f"{what} did not finish within {timeout:.0f} s")
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/{name}.py`` as a module, registered under ``name`` (a script
+    that imports another by name, as it would run, finds it)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

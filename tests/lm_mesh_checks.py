@@ -14,9 +14,10 @@ import torch
 
 
 def mesh_rank(rank: int, world: int, port: int, data_parallel: int, cfg, out: str,
-              timeout: float = 60.0) -> None:
-    """Run ``cfg`` on rank ``rank`` of ``world`` (mesh ``data_parallel × world/data_parallel``)
-    and record its result (or its traceback)."""
+              layout: dict, timeout: float = 60.0) -> None:
+    """Run ``cfg`` on rank ``rank`` of ``world`` (mesh ``data_parallel × world/data_parallel``,
+    ``layout`` the other arguments of ``ExpertParallelRanks.start``: ``replicate``,
+    ``exchange_capacity``) and record its result (or its traceback)."""
     from sparsemoe.experiments.lm import Trainer
     from sparsemoe.experiments.processes import ExpertParallelRanks
 
@@ -25,11 +26,20 @@ def mesh_rank(rank: int, world: int, port: int, data_parallel: int, cfg, out: st
                       MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     result: dict = {}
     try:
-        processes = ExpertParallelRanks.start(timeout, data_parallel)
+        processes = ExpertParallelRanks.start(timeout, data_parallel, **layout)
         try:
-            metrics = Trainer(cfg, progress=False, processes=processes).run()
+            trainer = Trainer(cfg, progress=False, processes=processes)
+            metrics = trainer.run()
             result = {"ok": True, "train_loss": metrics["history"]["train_loss"],
-                      "steps": metrics["steps"], "mesh": list(processes.mesh.shape)}
+                      "steps": metrics["steps"], "mesh": list(processes.mesh.shape),
+                      "exchange": metrics["exchange"],
+                      "progress": trainer.progress_extras(),
+                      # of the parameters the optimizer steps (FSDP2's DTensors; the model
+                      # holds whole tensors between a forward and the next reshard)
+                      "placements": sorted({type(placement).__name__
+                                            for group in trainer.opt.param_groups
+                                            for p in group["params"]
+                                            for placement in p.placements})}
         finally:
             processes.close()
     except Exception:

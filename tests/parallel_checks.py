@@ -16,6 +16,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -116,7 +117,9 @@ def equivalence(make_layer, counts, seed=0, training=True, gates=True, autocast=
             else None,
             "reference_dropped": ref_dropped.item() if ref_dropped is not None else None,
             "exchange_dropped": exchange.dropped_rows.item()
-            if exchange.dropped_rows is not None else None}
+            if exchange.dropped_rows is not None else None,
+            "exchange_routed": exchange.routed_rows.item()
+            if exchange.routed_rows is not None else None}
 
 
 def top_k_layer():
@@ -135,6 +138,13 @@ def check_padded(counts):
     """The padded exchange with room for every row (a rank sends an expert at most one row
     per token): the exact exchange's results."""
     return equivalence(top_k_layer, counts, exchange_capacity=max(counts))
+
+
+def check_padded_one_expert_per_rank(counts):
+    """:func:`check_padded` with one expert per rank: the received rows reach the bank through
+    views of the exchange's output alone (no copy), which the bank's kernel must read as rows."""
+    return equivalence(lambda: MoE(D, dist.get_world_size(), k=2, hidden=HIDDEN), counts,
+                       exchange_capacity=max(counts))
 
 
 def check_padded_binding(counts, capacity=2):
@@ -631,6 +641,71 @@ def check_mesh_training(_counts, optimizer="adam", replicate=False, steps=5, cli
             "single": local_numbers(Net())}
 
 
+class CountedCollectives:
+    """The collectives FSDP2 runs (``dist.all_gather_single``, ``dist.reduce_scatter_single``,
+    ``dist.all_reduce``, looked up on ``torch.distributed`` when called), one record per call:
+    ``(kind, bytes of the whole buffer, ranks in the group)``."""
+
+    # the buffer whose size is the collective's: (keyword, position) of each function's
+    BUFFER: ClassVar = {"all_gather_single": ("output_tensor", 0),
+                        "reduce_scatter_single": ("input", 1), "all_reduce": ("tensor", 0)}
+
+    def __init__(self):
+        self.calls, self.saved = [], {}
+
+    def __enter__(self):
+        for name, (keyword, position) in self.BUFFER.items():
+            inner = self.saved[name] = getattr(dist, name)
+
+            def counted(*args, _name=name, _key=keyword, _at=position, _inner=inner, **kwargs):
+                buffer = kwargs[_key] if _key in kwargs else args[_at]
+                self.calls.append((_name, buffer.numel() * buffer.element_size(),
+                                   dist.get_world_size(kwargs.get("group"))))
+                return _inner(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, inner in self.saved.items():
+            setattr(dist, name, inner)
+
+
+def padded_numel(p, world):
+    """Numbers of ``p`` once FSDP2 pads its first dimension to a multiple of ``world``."""
+    rows = -(-p.shape[0] // world) * world if p.dim() else 1
+    return rows * (p[0].numel() if p.dim() else 1)
+
+
+def check_fsdp_bytes(_counts):
+    """FSDP2's collectives in one training step (forward, backward) on each mesh, sharded and
+    replicated, and the parameter counts the traffic model of ``benchmarks/parallel_scaling.py``
+    takes: outside the experts ``P`` (and padded by FSDP2 to a multiple of ``W`` rows per
+    parameter), and a rank's bank (``n/ep`` experts, padded to a multiple of ``dp``)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    single = Net()
+    bank = dict(single.moe.experts.named_parameters())
+    out = {}
+    for shape in MESH_SHAPES:
+        dp, ep = shape
+        local_bank = {n: p[: EXPERTS // ep] for n, p in bank.items()}
+        counts = {"non_expert": sum(p.numel() for n, p in single.named_parameters()
+                                    if not n.startswith("moe.experts.")),
+                  "non_expert_padded": sum(padded_numel(p, world)
+                                           for n, p in single.named_parameters()
+                                           if not n.startswith("moe.experts.")),
+                  "bank": sum(p.numel() for p in local_bank.values()),
+                  "bank_padded": sum(padded_numel(p, dp) for p in local_bank.values())}
+        for replicate in (False, True):
+            model = mesh_model(shape, 0, replicate)
+            xs, ys = batch_for(0, world)
+            with CountedCollectives() as counter:
+                step_loss(model, xs[rank], ys[rank], rank).backward()
+            out[f"{dp}x{ep}{' replicated' if replicate else ''}"] = {
+                "calls": counter.calls, **counts}
+    return out
+
+
 SHARDED_STOPS = (((4, 1), False), ((2, 2), False), ((1, 4), False), ((1, 1), False),
                  ((4, 1), False))
 REPLICATED_STOPS = (((2, 2), True), ((4, 1), False), ((1, 4), True), ((1, 1), False),
@@ -685,10 +760,11 @@ CHECKS = {
     "constructed": check_constructed, "errors": check_errors,
     "top_k": check_top_k, "top_k_eval": check_top_k_eval,
     "padded": check_padded, "padded_binding": check_padded_binding,
+    "padded_one_expert": check_padded_one_expert_per_rank,
     "switch_capacity": check_switch_capacity, "expert_choice": check_expert_choice,
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
-    "compiled": check_compiled,
+    "compiled": check_compiled, "fsdp_bytes": check_fsdp_bytes,
     "training": check_training, "reshard": check_reshard,
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
     "mesh_training_factored": lambda c: check_mesh_training(c, "factored_adam"),

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import join_within
+from helpers import join_within, load_benchmark
 from parallel_checks import worker
 
 from sparsemoe import MoE, parallel
@@ -32,7 +32,8 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     counts = {2: [13, 9], 4: [13, 9, 4, 11]}[world]
     uneven = {2: [21, 0], 4: [5, 0, 17, 3]}[world]
     steps = [(name, name, counts) for name in LAYER_CHECKS]
-    steps += [("padded", "padded", counts), ("padded_binding", "padded_binding", counts)]
+    steps += [("padded", "padded", counts), ("padded_binding", "padded_binding", counts),
+              ("padded_one_expert", "padded_one_expert", counts)]
     steps += [("switch_capacity_uneven", "switch_capacity", uneven),
               ("rank_sends_nothing", "top_k", uneven),
               ("no_tokens_anywhere", "top_k", [0] * world),
@@ -45,7 +46,7 @@ def plan(world: int) -> list[tuple[str, str, list[int]]]:
     if world == 2:
         steps.append(("compiled", "compiled", counts))
     if world == 4:
-        steps += [("reshard", "reshard", counts)]
+        steps += [("reshard", "reshard", counts), ("fsdp_bytes", "fsdp_bytes", counts)]
         steps += [(f"mesh_{check}{suffix}", f"mesh_{check}{suffix}", counts)
                   for suffix in ("", "_factored", "_replicated")
                   for check in ("training", "reshard")]
@@ -104,17 +105,21 @@ def test_layer_equals_single_process(runs, world, name):
 @pytest.mark.parametrize("world", [2, 4])
 def test_padded_exchange(runs, world):
     """``exchange_capacity``: with room for every row, the exact exchange's results (the
-    single-process layer), nothing dropped, ``W·n/W·C`` rows sent; binding (2 rows per
+    single-process layer; also with one expert per rank), nothing dropped, every routed row
+    counted, ``W·n/W·C`` rows sent; binding (2 rows per
     expert, top-1), the single-process layer with ``Capacity(tokens=2)`` on each rank's
     slice, the same pairs dropped."""
     roomy = results(runs, world, "padded")
     assert_errors(roomy)
     assert all(r["exchange_dropped"] == 0 for r in roomy)
+    assert all(r["exchange_routed"] == 2 * r["tokens"] for r in roomy)  # k = 2
     assert all(r["rows_sent"] == [8 // world * 13] * world for r in roomy)  # C = max(counts)
+    assert_errors(results(runs, world, "padded_one_expert"))
     binding = results(runs, world, "padded_binding")
     assert_errors(binding)
     assert all(r["exchange_dropped"] == r["reference_dropped"] for r in binding)
     assert sum(r["exchange_dropped"] for r in binding) > 0
+    assert all(r["exchange_routed"] == r["tokens"] for r in binding)  # top-1
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -191,6 +196,35 @@ def test_expert_parallel_layer_under_torch_compile(runs):
         assert f"{mode} grad experts.local.w1" in worst and f"{mode} x_grad 1" in worst
         for res in per_rank:
             assert res["frames"][mode]["breaks"] == 0 and res["frames"][mode]["graphs"] <= 2
+
+
+def test_fsdp2_bytes_are_the_scaling_models(runs):
+    """The collectives FSDP2 ran in one training step on each mesh of 4 ranks (their buffers
+    counted as they ran) against ``benchmarks/parallel_scaling.py``'s ``fsdp_bytes`` and
+    ``fsdp_messages``: per rank, a ring's ``(g−1)/g`` of each all-gather and reduce-scatter
+    buffer, twice that of an all-reduce. Sharded, the root is gathered once (not resharded
+    after the forward) and a bank three times; the model's counts padded as FSDP2 pads."""
+    scaling = load_benchmark("parallel_scaling")
+    per_rank = results(runs, 4, "fsdp_bytes")
+    for res in per_rank:
+        for mesh, got in res.items():
+            if mesh in ("ok", "seconds"):
+                continue
+            (dp, ep), replicate = map(int, mesh.split()[0].split("x")), "replicated" in mesh
+            sent = sum(size * (g - 1) / g * (2 if kind == "all_reduce" else 1)
+                       for kind, size, g in got["calls"])
+            messages = sum((g - 1) * (2 if kind == "all_reduce" else 1)
+                           for kind, size, g in got["calls"])
+            kinds = sorted({kind for kind, _, _ in got["calls"]})
+            if replicate:  # the parameters whole: all-reduces of their own size
+                assert kinds == ["all_reduce"], mesh
+                model = scaling.fsdp_bytes(got["non_expert"], got["bank"], dp, ep, 4, True)
+            else:
+                assert len(got["calls"]) == 2 + 3 * (dp > 1), mesh
+                model = scaling.fsdp_bytes(got["non_expert_padded"], got["bank_padded"], dp,
+                                           ep, 4, False)
+            assert sent == model > 0, mesh
+            assert messages == scaling.fsdp_messages(1, dp, ep, replicate), mesh
 
 
 MESH_RUNS = {"adam": "", "factored_adam": "_factored", "replicated": "_replicated"}

@@ -129,7 +129,17 @@ def _lm_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         parser.error("lm train: give --preset NAME or a model (--experts N --k K ...)")
     cfg = _lm_train_config(parser, args, preset=args.preset)
     distributed = args.expert_parallel or args.data_parallel is not None
-    processes = ExpertParallelRanks.start(args.rank_timeout, args.data_parallel or 1) \
+    mesh_only = [flag for flag, given in (("--replicate", args.replicate),
+                                          ("--exchange-capacity",
+                                           args.exchange_capacity is not None)) if given]
+    if mesh_only and not distributed:
+        parser.error(f"{', '.join(mesh_only)}: a layout of the device mesh; give "
+                     f"--data-parallel N or --expert-parallel (under torchrun) too")
+    if args.exchange_capacity is not None and args.exchange_capacity < 1:
+        parser.error(f"--exchange-capacity must be at least 1 row per expert, got "
+                     f"{args.exchange_capacity}")
+    processes = ExpertParallelRanks.start(args.rank_timeout, args.data_parallel or 1,
+                                          args.replicate, args.exchange_capacity) \
         if distributed else OneProcess()
     try:
         with _data_errors(parser):
@@ -212,6 +222,15 @@ def _add_lm(sub: Any) -> None:
                        help="under torchrun: the device mesh's data-parallel size N (FSDP2); "
                             "the experts are spread over the other WORLD_SIZE / N ranks "
                             "(default with --expert-parallel: 1)")
+    train.add_argument("--replicate", action="store_true",
+                       help="on a mesh: replicate the model over the ranks (DDP's layout, "
+                            "all-reduced gradients) instead of sharding it with FSDP2: more "
+                            "memory per rank, no all-gathers")
+    train.add_argument("--exchange-capacity", type=int, default=None, metavar="C",
+                       help="on a mesh: the padded expert exchange, C rows from each rank to "
+                            "each expert (static shapes, no host read of the counts); rows "
+                            "beyond C are dropped and counted (progress bar, metrics.json's "
+                            "exchange); default: the exact exchange")
     train.add_argument("--rank-timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                        help="on a mesh: how long a rank waits for the others before the job "
                             "fails (a stopped or frozen rank); default "

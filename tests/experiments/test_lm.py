@@ -121,7 +121,10 @@ def test_train_needs_a_model(corpus_file, tmp_path, capsys):
 def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpus_file,
                                                                              tmp_path):
     """One process trains 2 steps; torchrun's 2 gloo ranks resume to 4 with the experts spread
-    over them (only rank 0 prints); one process evaluates their checkpoint, and resumes it."""
+    over them (only rank 0 prints), replicated (``--replicate``) and with the padded exchange
+    (``--exchange-capacity``, room for a rank's 10 tokens: nothing dropped, the 2 steps × 2
+    ranks × 10 tokens × k = 2 routed rows counted); one process evaluates their checkpoint,
+    and resumes it."""
     run = tmp_path / "run"
     model = ["--corpus", corpus_file, "--experts", "4", "--k", "2", "--hidden", "16",
              "--d-model", "8", "--batch-size", "4", "--bptt", "5", "--eval-every", "2",
@@ -132,7 +135,8 @@ def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpu
            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "sparsemoe.cli", "lm", "train", "--steps", "4", *model, "--expert-parallel"],
+         "-m", "sparsemoe.cli", "lm", "train", "--steps", "4", *model, "--expert-parallel",
+         "--replicate", "--exchange-capacity", "10"],
         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
@@ -141,6 +145,7 @@ def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpu
     exchange = printed["exchange"]
     assert exchange["world_size"] == 2 and exchange["bytes_sent_per_step"] > 0
     assert exchange["compute_to_io"] == 16  # the expert hidden width (§3.2)
+    assert exchange["dropped_rows"] == 0 and exchange["routed_rows"] == 2 * 2 * 10 * 2
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 4 and len(metrics["history"]["train_loss"]) == 4
     assert metrics["params_total"] == printed["params_total"]
@@ -151,6 +156,19 @@ def test_expert_parallel_under_torchrun_resumes_on_any_number_of_processes(corpu
     history = json.loads((run / "metrics.json").read_text())["history"]
     assert history["train_loss"][:4] == metrics["history"]["train_loss"]
     assert len(history["train_loss"]) == 5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicate"], "--replicate: a layout of the device mesh; give --data-parallel N or "
+                      "--expert-parallel"),
+    (["--exchange-capacity", "4"], "--exchange-capacity: a layout of the device mesh"),
+    (["--expert-parallel", "--exchange-capacity", "0"],
+     "--exchange-capacity must be at least 1 row per expert, got 0"),
+])
+def test_mesh_layout_flags_need_a_mesh(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        main(["lm", "train", "--preset", "MoE-4", "--out", "unused", *flags])
+    assert message in capsys.readouterr().err
 
 
 def test_aux_free_training_moves_the_bias_every_step(corpus_file, tmp_path):

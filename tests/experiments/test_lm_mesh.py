@@ -34,10 +34,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0, fails=False):
+def run_on_mesh(cfg, data_parallel, tmp_path, name, timeout=240.0, fails=False, **layout):
+    """``cfg`` on a ``data_parallel × WORLD/data_parallel`` mesh (``layout``: ``replicate``,
+    ``exchange_capacity``); every rank's result."""
     out = tmp_path / name
     out.mkdir()
-    ctx = mp.start_processes(mesh_rank, args=(WORLD, free_port(), data_parallel, cfg, str(out)),
+    ctx = mp.start_processes(mesh_rank,
+                             args=(WORLD, free_port(), data_parallel, cfg, str(out), layout),
                              nprocs=WORLD, join=False, start_method="forkserver")
     join_within(ctx, timeout, "the mesh run")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -102,3 +105,51 @@ def test_factored_adam_resumes_on_another_mesh(corpus_file, tmp_path):
     worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
     print(f"FactoredAdam: largest loss difference over 10 steps: {worst:.1e}")
     assert worst < 1e-4, " ".join(f"{a - b:.1e}" for a, b in zip(got, want, strict=True))
+
+
+def largest_loss_difference(got, want):
+    assert len(got) == len(want)
+    return max(abs(a - b) for a, b in zip(got, want, strict=True))
+
+
+def test_replicated_mesh_equals_one_process(corpus_file, tmp_path):
+    """``--replicate`` (FSDP2's replicate, all-reduced gradients) on a 2x2 mesh: the loss
+    curve of one process."""
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    whole = Trainer(exact_config(corpus_file, tmp_path / "one", 5), progress=False).run()
+    on_mesh = run_on_mesh(exact_config(corpus_file, tmp_path / "run", 5), 2, tmp_path, "2x2",
+                          replicate=True)
+    worst = largest_loss_difference(on_mesh[0]["train_loss"], whole["history"]["train_loss"])
+    print(f"replicated 2x2: largest loss difference over 5 steps: {worst:.1e}")
+    assert worst < 1e-4
+    assert "dropped_rows" not in on_mesh[0]["exchange"]  # the exact exchange
+    assert "sent" in on_mesh[0]["progress"] and "dropped" not in on_mesh[0]["progress"]
+    assert on_mesh[0]["placements"] == ["Replicate"]  # whole copies, not FSDP2's Shard(0)
+
+
+def test_padded_exchange_equals_the_exact_one_or_counts_its_drops(corpus_file, tmp_path):
+    """``--exchange-capacity``: 5 rows per expert (a rank's 1 stream × 5 tokens sends an
+    expert at most 5) on a 1x4 mesh is the exact exchange, the loss curve of one process,
+    nothing dropped; 1 row drops rows, counted over the steps, layers and ranks against the
+    rows routed (5 steps × 4 ranks × 5 tokens × k = 2), and the run differs."""
+    mp.get_context("forkserver").set_forkserver_preload(["sparsemoe"])
+    whole = Trainer(exact_config(corpus_file, tmp_path / "one", 5), progress=False).run()
+    want = whole["history"]["train_loss"]
+    roomy = run_on_mesh(exact_config(corpus_file, tmp_path / "roomy", 5), 1, tmp_path, "c5",
+                        exchange_capacity=5)
+    tight = run_on_mesh(exact_config(corpus_file, tmp_path / "tight", 5), 1, tmp_path, "c1",
+                        exchange_capacity=1)
+    worst = largest_loss_difference(roomy[0]["train_loss"], want)
+    print(f"exchange capacity 5, 1x4: largest loss difference over 5 steps: {worst:.1e}")
+    assert worst < 1e-4
+    routed = 5 * WORLD * 5 * 2
+    assert roomy[0]["exchange"]["dropped_rows"] == 0
+    assert roomy[0]["exchange"]["routed_rows"] == routed
+    drops = tight[0]["exchange"]
+    assert drops["routed_rows"] == routed and 0 < drops["dropped_rows"] < routed
+    assert drops["drop_fraction"] == drops["dropped_rows"] / routed
+    assert all(r["exchange"] == drops for r in tight)  # summed over the ranks, on each
+    assert roomy[0]["placements"] == ["Shard"]  # sharded: the default layout
+    assert roomy[0]["progress"]["dropped"] == "0.0%"  # the progress bar, last step
+    assert 0 < float(tight[0]["progress"]["dropped"].rstrip("%")) < 100
+    assert largest_loss_difference(tight[0]["train_loss"], want) > 1e-3

@@ -1,25 +1,11 @@
 """benchmarks/lm_seeds.py's and lm_data_scale.py's tables against hand-computed means, sample
 standard deviations, paired differences and relative changes."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
-BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # lm_data_scale imports lm_seeds by name, as a script would
-    spec.loader.exec_module(module)
-    return module
-
-
-lm_seeds = _script("lm_seeds")
-lm_data_scale = _script("lm_data_scale")
+lm_seeds = load_benchmark("lm_seeds")
+lm_data_scale = load_benchmark("lm_data_scale")
 
 
 def test_parse_run_and_name():

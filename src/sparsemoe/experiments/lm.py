@@ -367,8 +367,10 @@ class Trainer(runs.TrainingRun):
         self.train_seconds = 0.0
         self.history: dict[str, list] = {"step": [], "train_loss": [], "valid_step": [],
                                          "valid_perplexity": [], "valid_seconds": []}
-        # this invocation's expert-parallel exchanges (summed over steps and layers)
-        self.exchange = {"steps": 0, "bytes_sent": 0, "expert_multiply_adds": 0}
+        # this invocation's expert-parallel exchanges (summed over steps and layers); rows
+        # dropped by a padded exchange's capacity, of the rows routed
+        self.exchange = {"steps": 0, "bytes_sent": 0, "expert_multiply_adds": 0,
+                         "dropped_rows": 0, "routed_rows": 0}
         if self.ckpt is not None:
             self._restore(self.ckpt)
 
@@ -461,6 +463,9 @@ class Trainer(runs.TrainingRun):
         for stats in exchange_stats(self.model):
             self.exchange["bytes_sent"] += stats.step_bytes_sent
             self.exchange["expert_multiply_adds"] += stats.step_expert_multiply_adds or 0
+            if stats.routed_rows is not None:
+                self.exchange["dropped_rows"] += int(stats.dropped_rows)
+                self.exchange["routed_rows"] += int(stats.routed_rows)
         self.exchange["steps"] += 1
         return self.processes.sum(ce.detach()).item() / self.processes.world_size
 
@@ -471,18 +476,26 @@ class Trainer(runs.TrainingRun):
     def exchange_per_step(self) -> dict:
         """Expert parallelism's traffic per training step and rank, averaged over this
         invocation's steps and the ranks, next to the experts' multiply-adds (empty without
-        expert-parallel layers). Their ratio is the paper's compute-to-I/O argument (§3.2)."""
-        if not exchange_stats(self.model):
+        expert-parallel layers). Their ratio is the paper's compute-to-I/O argument (§3.2).
+        With a padded exchange (``exchange_capacity``) also the rows its capacity dropped,
+        summed over the steps, layers and ranks, and their fraction of the rows routed."""
+        exchanged = exchange_stats(self.model)
+        if not exchanged:
             return {}
-        totals = torch.tensor([self.exchange["bytes_sent"], self.exchange["expert_multiply_adds"]],
-                              dtype=torch.float64)
-        sent, madds = (self.processes.sum(totals).cpu() / self.processes.world_size
+        keys = ("bytes_sent", "expert_multiply_adds", "dropped_rows", "routed_rows")
+        totals = self.processes.sum(torch.tensor([self.exchange[k] for k in keys],
+                                                 dtype=torch.float64)).cpu()
+        sent, madds = (totals[:2] / self.processes.world_size
                        / max(self.exchange["steps"], 1)).tolist()
-        compute_to_io = exchange_stats(self.model)[0].compute_to_io
-        return {"world_size": self.processes.world_size, "bytes_sent_per_step": sent,
-                "expert_multiply_adds_per_step": madds,
-                "multiply_adds_per_byte_sent": madds / sent if sent else None,
-                "compute_to_io": compute_to_io}
+        out = {"world_size": self.processes.world_size, "bytes_sent_per_step": sent,
+               "expert_multiply_adds_per_step": madds,
+               "multiply_adds_per_byte_sent": madds / sent if sent else None,
+               "compute_to_io": exchanged[0].compute_to_io}
+        if exchanged[0].routed_rows is not None:
+            dropped, routed = totals[2:].tolist()
+            out.update(dropped_rows=int(dropped), routed_rows=int(routed),
+                       drop_fraction=dropped / routed if routed else 0.0)
+        return out
 
     @property
     def eval_limit(self) -> int | None:
@@ -496,9 +509,14 @@ class Trainer(runs.TrainingRun):
         exchanged = exchange_stats(self.model)
         if not exchanged:
             return {}
-        return {"sent": _si(sum(e.step_bytes_sent for e in exchanged), "B"),  # this rank's
-                "expert madds": _si(sum(e.step_expert_multiply_adds or 0  # last step
-                                        for e in exchanged), "")}
+        extras = {"sent": _si(sum(e.step_bytes_sent for e in exchanged), "B"),  # this rank's
+                  "expert madds": _si(sum(e.step_expert_multiply_adds or 0  # last step
+                                          for e in exchanged), "")}
+        if exchanged[0].routed_rows is not None:  # the padded exchange's drops, last step
+            routed = sum(int(e.routed_rows) for e in exchanged)
+            dropped = sum(int(e.dropped_rows) for e in exchanged)
+            extras["dropped"] = f"{100 * dropped / max(routed, 1):.1f}%"
+        return extras
 
     def stop_requested(self, stop: runs.StopSignals) -> bool:
         return float(self.processes.sum(torch.tensor(float(stop.signum is not None)))) > 0

@@ -99,12 +99,17 @@ class ExpertParallelRanks(OneProcess):
     Args:
         device: this rank's device.
         data_parallel: ``dp``, the size of the mesh's "dp" dimension; ``ep = W / dp``.
+        replicate: replicate over the mesh instead of sharding (DDP's layout,
+            ``parallelize(..., replicate=True)``).
+        exchange_capacity: rows each rank sends each expert in the padded exchange (rows
+            beyond it dropped and counted), or None for the exact exchange.
 
     Raises:
         ValueError: ``data_parallel`` does not divide the number of ranks.
     """
 
-    def __init__(self, device: torch.device, data_parallel: int = 1) -> None:
+    def __init__(self, device: torch.device, data_parallel: int = 1, replicate: bool = False,
+                 exchange_capacity: int | None = None) -> None:
         if not dist.is_initialized():
             raise RuntimeError("ExpertParallelRanks needs an initialised default process group; "
                                "use ExpertParallelRanks.start() under torchrun")
@@ -115,11 +120,13 @@ class ExpertParallelRanks(OneProcess):
                              f"({self.world_size}): the mesh is data_parallel × "
                              f"(ranks / data_parallel)")
         self.device = device
+        self.replicate, self.exchange_capacity = replicate, exchange_capacity
         self.mesh = init_device_mesh(device.type, (data_parallel, self.world_size // data_parallel),
                                      mesh_dim_names=parallel.MESH_DIMS)
 
     @classmethod
-    def start(cls, timeout: float = DEFAULT_TIMEOUT, data_parallel: int = 1
+    def start(cls, timeout: float = DEFAULT_TIMEOUT, data_parallel: int = 1,
+              replicate: bool = False, exchange_capacity: int | None = None
               ) -> ExpertParallelRanks:
         """Join the process group that ``torchrun`` describes in the environment: NCCL and
         the GPU ``LOCAL_RANK`` where CUDA is available, gloo on the CPU otherwise.
@@ -128,7 +135,8 @@ class ExpertParallelRanks(OneProcess):
             timeout: seconds a collective (and the start-up rendezvous) may wait for the other
                 ranks before it fails, so that a stopped or frozen rank ends the job instead
                 of holding the others for torch's default 30 minutes.
-            data_parallel: the mesh's "dp" size (see the class).
+            data_parallel, replicate, exchange_capacity: the mesh's "dp" size and layout,
+                and the expert exchange (see the class).
 
         Raises:
             RuntimeError: the environment does not describe a process group.
@@ -149,7 +157,7 @@ class ExpertParallelRanks(OneProcess):
         else:
             device = torch.device("cpu")
             dist.init_process_group("gloo", timeout=wait)
-        return cls(device, data_parallel)
+        return cls(device, data_parallel, replicate, exchange_capacity)
 
     @property
     def sharded(self) -> bool:
@@ -158,7 +166,9 @@ class ExpertParallelRanks(OneProcess):
     def prepare(self, model: nn.Module) -> nn.Module:
         # The same weights on every rank (the same seed) before sharding: the run starts from
         # the single-process model.
-        model = parallel.parallelize(model.to(self.device), self.mesh)
+        model = parallel.parallelize(model.to(self.device), self.mesh,
+                                     replicate=self.replicate,
+                                     exchange_capacity=self.exchange_capacity)
         self._fork_rng()
         return model
 

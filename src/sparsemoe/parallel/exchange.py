@@ -50,10 +50,15 @@ def all_to_all(
         group: the process group (None: the default group).
 
     Returns:
-        ``[sum(recv_rows), ...]``.
+        ``[sum(recv_rows), ...]``, a plain tensor: the collective waited for (``wait_tensor``,
+        an identity for autograd). Eagerly the functional collective returns an
+        ``AsyncCollectiveTensor`` that waits at its first non-view operation; a view of it
+        (a reshape) handed to a kernel that reads the memory itself (the few-row grouped
+        GEMM's ``data_ptr``) would read a wrapper, not the rows.
     """
-    return funcol.all_to_all_single_autograd(x.contiguous(), recv_rows, send_rows,
-                                             _resolved(group))
+    y = funcol.all_to_all_single_autograd(x.contiguous(), recv_rows, send_rows,
+                                          _resolved(group))
+    return funcol.wait_tensor(y)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class ExchangeStats:
         dropped_rows: with an ``exchange_capacity``, the rows beyond it that this rank did not
             send (a 0-dim tensor, read when logging: reading it waits for the device); None
             for the exact exchange.
+        routed_rows: with an ``exchange_capacity``, the rows this rank's router chose (sent
+            or dropped; a 0-dim tensor, as ``dropped_rows``); None for the exact exchange.
     """
 
     rank: int
@@ -87,6 +94,7 @@ class ExchangeStats:
     multiply_adds_per_row: int | None
     io_per_row: int
     dropped_rows: Tensor | None = field(default=None, compare=False)
+    routed_rows: Tensor | None = field(default=None, compare=False)
 
     @property
     def remote_rows_sent(self) -> int:
@@ -277,20 +285,21 @@ class ExpertParallel(nn.Module):
         y_back = y_back.reshape(w * n_local * capacity, -1)
         y = all_to_all(y_back, per_rank, per_rank, self.group)  # [n·C, d_out] by global expert
         y = torch.cat([y, y.new_zeros(1, y.shape[1])]).index_select(0, slot)
-        computed = sent.new_ones(()) if routes.computed is None else routes.computed
+        computed = sent.new_ones(x.shape[0]) if routes.computed is None else routes.computed
         dropped = (~sent & computed).sum()
-        self._record(x, y_local, per_rank, per_rank, 0, dropped)
+        self._record(x, y_local, per_rank, per_rank, 0, dropped, computed.sum())
         return y
 
     def _record(self, x: Tensor, y_local: Tensor, send_rows: list[int], recv_rows: list[int],
-                count_bytes: int, dropped: Tensor | None = None) -> None:
+                count_bytes: int, dropped: Tensor | None = None,
+                routed: Tensor | None = None) -> None:
         self.last_exchange = ExchangeStats(
             rank=self.rank, rows_sent=tuple(send_rows), rows_received=tuple(recv_rows),
             bytes_in_row=x.shape[1] * x.element_size(),
             bytes_out_row=y_local.shape[1] * y_local.element_size(),
             count_bytes=count_bytes,
             multiply_adds_per_row=getattr(self.local, "multiply_adds_per_row", None),
-            io_per_row=x.shape[1] + y_local.shape[1], dropped_rows=dropped,
+            io_per_row=x.shape[1] + y_local.shape[1], dropped_rows=dropped, routed_rows=routed,
         )
 
     def extra_repr(self) -> str:
