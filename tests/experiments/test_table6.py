@@ -19,6 +19,7 @@ from sparsemoe.experiments.table6 import (
     format_table6,
     gate_gradients,
     gate_scales,
+    load_by_token,
     routing_balance,
     run_weighting,
     table6,
@@ -91,6 +92,33 @@ def test_routing_balance_sums_the_routers_choices(noisy):
     if not noisy:
         counts = evaluate(model, tokens, 3, 4)["tokens_per_expert"][0]
         assert counts == load.long().tolist()
+
+
+def test_load_by_token_counts_each_input_tokens_choices():
+    """Rebuilt by hand from the router's output and the streams' input tokens; its column
+    sums are the evaluation's expert counts."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
+                                       dropout=0.0))
+    router = model.moe_layers()[0].router
+    with torch.no_grad():
+        router.w_gate.normal_()
+    tokens = torch.randint(0, 11, (41,))  # 40 inputs: 4 streams of 10, bptt 5
+    seen: list[list[list[int]]] = []
+    hook = router.register_forward_hook(
+        lambda mod, inp, out: seen.append(out.expert_indices.reshape(-1, 2).tolist()))
+    got = load_by_token(model, tokens, batch_size=4, bptt=5, vocab_size=11)
+    hook.remove()
+    streams = tokens[:40].view(4, 10)
+    want = torch.zeros(11, 5, dtype=torch.int64)
+    for window, experts in enumerate(seen):  # windows of [4 streams, 5 steps], row-major
+        for row, pair in enumerate(experts):
+            token = int(streams[row // 5, window * 5 + row % 5])
+            for e in pair:
+                want[token, e] += 1
+    assert torch.equal(got, want) and int(got.sum()) == 80
+    assert got.sum(0).tolist() == evaluate(model, tokens, 4, 5)["tokens_per_expert"][0]
+    assert model.training  # mode restored
 
 
 def test_gate_scales_by_hand():

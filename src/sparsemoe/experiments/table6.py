@@ -86,6 +86,32 @@ def routing_balance(
 
 
 @torch.no_grad()
+def load_by_token(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int,
+                  vocab_size: int) -> Tensor:
+    """The first MoE layer's clean routing of ``tokens`` (read as :func:`routing_balance`
+    reads them) broken down by the input token: ``[vocab_size, n]`` int64, entry ``(v, i)``
+    the pairs routed to expert ``i`` at positions whose input token is ``v``. Its column sums
+    are the load; its rows show how a frequent token is spread over the experts."""
+    layer = model.moe_layers()[0]
+    chosen: list[Tensor] = []
+    hook = layer.router.register_forward_hook(
+        lambda mod, inp, out: chosen.append(out.expert_indices.flatten(0, -2)))
+    counts = torch.zeros(vocab_size, layer.router.num_experts, dtype=torch.int64)
+    was_training = model.training
+    model.eval()
+    try:
+        for _, _, positions in stream_forward(model, tokens, batch_size, bptt):
+            experts = chosen.pop()  # [b·l, k], rows in the positions' order
+            ids = tokens[positions.reshape(-1)].long()[:, None].expand_as(experts)
+            counts.index_put_((ids.reshape(-1), experts.reshape(-1)),
+                              torch.ones(experts.numel(), dtype=torch.int64), accumulate=True)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return counts
+
+
+@torch.no_grad()
 def gate_scales(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int) -> dict:
     """How the first MoE layer's clean logits x·W_g compare with its noise over ``tokens``
     (read as :func:`routing_balance` reads them, the model in evaluation mode).
