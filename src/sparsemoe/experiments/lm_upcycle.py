@@ -286,27 +286,39 @@ def _plot(rows: list[dict], out: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: plot skipped (pip install 'sparsemoe[plot]')")
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = dict(zip(BRANCHES, ("k", "tab:blue", "tab:red", "tab:green", "tab:gray"),
                        strict=True))
     seeds = sorted({r["seed"] for r in rows})
+    shown = []
     for r in rows:
         if r["branch"] == "dense" and r["seed"] != seeds[0]:
             continue
         pairs = [(s, p) for s, p in zip(r["valid_step"], r["valid_curve"], strict=True)
                  if r["branch"] in ("dense", "scratch") or s >= r["start_step"]]
-        label = r["branch"] if r["seed"] == seeds[0] else None
-        style = "-" if r["seed"] == seeds[0] else ":"
+        shown += [p for _, p in pairs]
+        first = r["seed"] == seeds[0]
+        # dense-continued is dense-matched's first S2 steps: drawn wide beneath it
+        wide = r["branch"] == "dense-continued"
         for ax, x in zip(axes, ([s for s, _ in pairs],
-                                [cumulative_multiply_adds(r, s) for s, _ in pairs]), strict=True):
-            ax.plot(x, [p for _, p in pairs], style, color=colours[r["branch"]], label=label)
+                                [cumulative_multiply_adds(r, s) / 1e9 for s, _ in pairs]),
+                         strict=True):
+            ax.plot(x, [p for _, p in pairs], "-" if first else ":", color=colours[r["branch"]],
+                    lw=4 if wide else 1.5, alpha=0.45 if wide else 1.0,
+                    label=r["branch"] if first else None)
+    start = next(r for r in rows if r["branch"] == "dense")
+    at_start = [p for s, p in zip(start["valid_step"], start["valid_curve"], strict=True)
+                if s >= start["steps"] // 2]
+    top = 1.15 * (at_start[0] if at_start else max(shown))
     axes[0].set_xlabel("step")
-    axes[1].set_xlabel("cumulative multiply-adds (forward, outside embedding and head)")
+    axes[1].set_xlabel("cumulative multiply-adds, G (forward, outside embedding and head)")
     for ax in axes:
         ax.set_ylabel("validation perplexity")
-        ax.set_yscale("log")
+        ax.set_ylim(0.97 * min(shown), top)
+        ax.axvline(start["steps"] if ax is axes[0] else cumulative_multiply_adds(
+            start, start["steps"]) / 1e9, color="k", lw=0.6, ls="--")
     axes[0].legend()
-    fig.suptitle(f"Sparse upcycling at step {rows[0]['steps']}; seeds {seeds} "
+    fig.suptitle(f"Sparse upcycling at step {start['steps']} (dashed line); seeds {seeds} "
                  f"(first solid, others dotted)")
     fig.tight_layout()
     runs.save_figure(fig, out / "upcycle_curves.png", dpi=120)
