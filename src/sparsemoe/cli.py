@@ -189,8 +189,6 @@ def _lm_upcycle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     num_experts, k = args.num_experts or 8, args.k or 2  # the upcycled MoE's, not the dense's
     args.num_experts = args.k = None
     base = _lm_train_config(parser, args, preset=args.preset)
-    if base.model_config(1).router != "none":
-        parser.error(f"--preset: lm upcycle starts from a dense model, got {args.preset!r}")
     scratch = None if args.scratch == "none" else args.scratch
     try:
         with _data_errors(parser):

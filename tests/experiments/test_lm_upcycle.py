@@ -119,6 +119,8 @@ def test_demo_branches_end_to_end(corpus_file, tmp_path, capsys):
     (["--arch", "lstm"], "must be 'transformer'"),
     (["--arch", "transformer", "--preset", "mixtral-8"], "starts from a dense model"),
     (["--arch", "transformer", "--continue-steps", "0"], "continue_steps must be"),
+    (["--arch", "transformer", "--experts", "4", "--k", "5"], "k must be <="),
+    (["--arch", "transformer", "--noise", "-1"], "noise must be"),
 ])
 def test_cli_usage_errors(flags, message, tmp_path, capsys):
     args = ["lm", "upcycle", "--steps", "2", "--continue-steps", "2", "--out", str(tmp_path),

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_int
+from .._checks import check_int, check_number, check_top_k
 from .._checksum import checksum_path
 from ..data import Corpus, load_corpus
 from ..models.architectures import architecture
@@ -173,8 +173,13 @@ def upcycle_demo(
                          f"{base.arch!r}")
     if base.steps is None:
         raise ValueError("steps (S, the dense steps before upcycling) must be given, got None")
+    if base.model_config(1).router != "none":
+        raise ValueError(f"preset: the demonstration starts from a dense model, got "
+                         f"{base.preset!r} (router {base.model_config(1).router!r})")
     s2 = check_int("continue_steps", continue_steps)
     check_int("seeds", seeds)
+    check_top_k("k", k, check_int("num_experts", num_experts))
+    check_number("noise", noise, low=0)
     if scratch is not None:
         architecture("transformer").check_preset(scratch)
     out = Path(out)
