@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 import sparsemoe
-from sparsemoe.upcycle import upcycle_block
+from sparsemoe.models.transformer import MoETransformer, preset
+from sparsemoe.upcycle import upcycle_block, upcycle_transformer, upcycled_config
 
 
 def _randomise_router(layer):
@@ -51,6 +52,74 @@ def test_bad_arguments():
         upcycle_block(nn.Linear(4, 4), 2)
     with pytest.raises(ValueError, match="activation"):
         upcycle_block(nn.Sequential(nn.Linear(4, 8), nn.GELU("tanh"), nn.Linear(8, 4)), 2)
+
+
+def _tiny_dense(**overrides):
+    torch.manual_seed(0)
+    return MoETransformer(preset("dense-swiglu", vocab_size=40, d_model=16, n_heads=2,
+                                 n_layers=4, ffn_hidden=24, context=12, **overrides)).eval()
+
+
+def _randomise_routers(model):
+    for layer in model.moe_layers():
+        _randomise_router(layer)
+
+
+@pytest.mark.parametrize("moe_every", [1, 2])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_transformer_logits_equal_the_dense_model(moe_every, dtype, tol):
+    dense = _tiny_dense().to(dtype)
+    moe = sparsemoe.upcycle(dense, 8, 2, moe_every=moe_every)
+    assert moe.cfg == upcycled_config(dense.cfg, 8, 2, moe_every)
+    assert [type(b.ffn).__name__ for b in moe.blocks] == \
+        (["MoELayer"] * 4 if moe_every == 1 else ["DenseFeedForward", "MoELayer"] * 2)
+    assert not moe.training and next(moe.parameters()).dtype == dtype
+    _randomise_routers(moe)
+    tokens = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():
+        logits, expected = moe(tokens)[0], dense(tokens)[0]
+    assert logits.abs().max() > 0.1  # not trivially zero
+    torch.testing.assert_close(logits, expected, atol=tol, rtol=0)
+    for layer in moe.moe_layers():
+        assert layer.stats.tokens_per_expert.count_nonzero() > 3  # several experts used
+        assert layer.router.k == 2 and layer.router.normalize
+
+
+def test_transformer_noise_makes_the_copies_differ():
+    dense = _tiny_dense()
+    exact = upcycle_transformer(dense, 4, 2)
+    noisy = upcycle_transformer(dense, 4, 2, noise=0.1,
+                                generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        gap = (noisy(tokens)[0] - dense(tokens)[0]).abs().max()
+    assert gap > 1e-4  # the copies now compute different functions
+    for layer, reference in zip(noisy.moe_layers(), exact.moe_layers(), strict=True):
+        w1 = layer.experts.w1
+        assert not torch.equal(w1[0], w1[1])
+        rel = (w1 - reference.experts.w1).std() / reference.experts.w1.std()
+        assert 0.05 < rel < 0.2
+    # the rest of the model is the dense model's
+    torch.testing.assert_close(noisy.blocks[0].attn.qkv.weight, dense.blocks[0].attn.qkv.weight,
+                               atol=0, rtol=0)
+
+
+def test_upcycled_config_is_mixtral_8_with_full_width_experts():
+    assert upcycled_config(preset("dense-swiglu"), 8, 2) == preset("mixtral-8", hidden=192)
+
+
+def test_transformer_bad_arguments():
+    with pytest.raises(ValueError, match="model must be a dense MoETransformer.*'top-k'"):
+        upcycle_transformer(MoETransformer(preset("mixtral-8", vocab_size=40)), 8)
+    with pytest.raises(ValueError, match=r"moe_every must be <= n_layers \(4\).*got 5"):
+        upcycle_transformer(_tiny_dense(), 8, moe_every=5)
+    with pytest.raises(ValueError, match="k must be <="):
+        upcycle_transformer(_tiny_dense(), 2, k=3)
+    with pytest.raises(ValueError, match="moe_every applies to a MoETransformer only"):
+        sparsemoe.upcycle(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4)), 2,
+                          moe_every=2)
+    with pytest.raises(TypeError, match="model must be a MoETransformer, got Linear"):
+        upcycle_transformer(nn.Linear(4, 4), 2)
 
 
 transformers = pytest.importorskip("transformers")

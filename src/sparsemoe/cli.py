@@ -190,6 +190,25 @@ def _lm_table6(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Non
     print(f"\nwrote table6.md, table6.json and balance.png in {base.out}")
 
 
+def _lm_upcycle(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    from .experiments import lm_upcycle
+
+    if _lm_arch(args) != "transformer":
+        parser.error(f"--arch: lm upcycle upcycles the Transformer, so it must be "
+                     f"'transformer', got {args.arch!r}")
+    num_experts, k = args.num_experts or 8, args.k or 2  # the upcycled MoE's, not the dense's
+    args.num_experts = args.k = None
+    base = _lm_train_config(parser, args, preset=args.preset)
+    scratch = None if args.scratch == "none" else args.scratch
+    try:
+        with _data_errors(parser):
+            lm_upcycle.upcycle_demo(base, base.out, args.continue_steps, num_experts, k,
+                                    args.noise, args.seeds, scratch)
+    except ValueError as e:
+        parser.error(str(e))
+    print(f"\nwrote {lm_upcycle.REPORT}, upcycle.json and upcycle_curves.png in {base.out}")
+
+
 def _lm_experts(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     from .experiments import lm_report
 
@@ -266,6 +285,23 @@ def _add_lm(sub: Any) -> None:
                          "six: " + " ".join(f"{wi},{wl}" for wi, wl in PAPER_TABLE6) + ")")
     training_flags(t6)
     t6.set_defaults(func=_lm_table6, command_parser=t6)
+
+    up = lm_sub.add_parser("upcycle", help="sparse upcycling: train a dense Transformer "
+                           "--steps S, then continue it dense, upcycled (--experts copies, top "
+                           "--k) and dense for the upcycled run's multiply-adds, "
+                           "--continue-steps S2 each (resumes)")
+    up.add_argument("--preset", default="dense-swiglu", help="the dense Transformer preset "
+                    "(default: dense-swiglu)")
+    up.add_argument("--continue-steps", type=int, required=True, metavar="S2",
+                    help="steps of each branch after the upcycling point")
+    up.add_argument("--noise", type=float, default=0.0,
+                    help="relative noise on the expert copies (default: 0, exact copies)")
+    up.add_argument("--seeds", type=int, default=1,
+                    help="seeds --seed, --seed + 1, ... (default: 1)")
+    up.add_argument("--scratch", default="mixtral-8", help="an MoE preset trained from scratch "
+                    "for S + S2 steps for reference, or 'none' (default: mixtral-8)")
+    training_flags(up)
+    up.set_defaults(func=_lm_upcycle, command_parser=up)
 
     experts = lm_sub.add_parser("experts", help="contexts that route to a few experts (Table 9)")
     experts.add_argument("--checkpoint", required=True)
