@@ -326,18 +326,6 @@ def reference_step(model, opt, step, world_slices, clip):
     return [loss.item() for loss in losses], norm.item()
 
 
-def distributed_step(model, opt, sync, step, clip, group=None):
-    rank, world = dist.get_rank(group), dist.get_world_size(group)
-    xs, ys = batch_for(step, world)
-    loss = step_loss(model, xs[rank], ys[rank], 1000 * step + rank)
-    opt.zero_grad()
-    loss.backward()
-    sync.sync()
-    norm = sync.clip_grad_norm_(clip)
-    opt.step()
-    return loss.item(), norm.item()
-
-
 def parameter_errors(ep_model, ref_model):
     full = dict(ref_model.named_parameters())
     return max(max_err(p, shard_of(ep_model, n, full[global_name(n)]))
@@ -357,86 +345,78 @@ def factored_adam(model):
 OPTIMIZERS = {"adam": adam, "factored_adam": factored_adam}
 
 
-def make_pair(seed=0):
-    """A single-process model and its expert-parallel copy, with their optimizers."""
+def gathered_errors(model_state, opt_state, ref, ref_opt):
+    """Largest error of a gathered (single-process layout) model and optimizer state dict
+    against ``ref``'s and ``ref_opt``'s, and whether their keys differ (1.0) or not."""
+    ref_model, ref_state = ref.state_dict(), ref_opt.state_dict()
+    errors = [max_err(v, ref_model[k]) for k, v in model_state.items()]
+    for index, entry in opt_state["state"].items():
+        errors += [max_err(v, ref_state["state"][index][name]) for name, v in entry.items()]
+    keys_differ = (list(model_state) != list(ref_model)
+                   or {i: sorted(e) for i, e in opt_state["state"].items()}
+                   != {i: sorted(e) for i, e in ref_state["state"].items()})
+    return max(errors), float(keys_differ)
+
+
+def gather_stop(name, group, ck, ref, ref_opt, seed, step, errors):
+    """Load the single-process checkpoint ``ck`` into a fresh ``expert_parallel`` model on
+    ``group`` (another seed: nothing of its own weights may survive), compare its shards, its
+    optimizer state and the loss of this rank's slice (the exchange on ``group``) with
+    ``ref``'s, then gather its state on the group's rank 0 and compare that with ``ref``'s;
+    ``(model state, optimizer state)`` on the group's rank 0, else None."""
     torch.manual_seed(seed)
-    ref = Net()
-    ep = P.expert_parallel(copy.deepcopy(ref))
-    return ref, ep, adam(ref), adam(ep)
+    model = P.expert_parallel(Net(), group)
+    opt = adam(model)
+    P.load_full_state_dict(model, ck["model"])
+    P.load_full_optimizer_state_dict(model, opt, ck["optimizer"])
+    errors[f"load {name}"] = parameter_errors(model, ref)
+    errors[f"load {name} state"] = state_errors(model, opt, ref, ref_opt)[0]
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    xs, ys = batch_for(step, world)
+    with torch.no_grad():
+        loss = step_loss(model, xs[rank], ys[rank], seed)
+        errors[f"loss on {name}"] = max_err(loss, step_loss(ref, xs[rank], ys[rank], seed))
+    model_state, opt_state = P.full_state_dict(model), P.full_optimizer_state_dict(model, opt)
+    if rank != 0:
+        return None
+    errors[f"gathered {name}"], errors[f"gathered {name} keys"] = gathered_errors(
+        model_state, opt_state, ref, ref_opt)
+    return {"model": model_state, "optimizer": opt_state}
 
 
-def check_training(_counts, steps=3, clip=0.05):
-    """A few Adam steps with clipping, distributed and on one process."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    ref, ep, ref_opt, ep_opt = make_pair()
-    sync = P.GradientSync(ep)
-    loss_err, norm_err, param_err, norms = 0.0, 0.0, [], []
-    for step in range(steps):
-        ref_losses, ref_norm = reference_step(ref, ref_opt, step, world, clip)
-        loss, norm = distributed_step(ep, ep_opt, sync, step, clip)
-        loss_err = max(loss_err, abs(loss - ref_losses[rank]))
-        norm_err = max(norm_err, abs(norm - ref_norm))
-        norms.append(norm)
-        param_err.append(parameter_errors(ep, ref))
-    moved = max_err(dict(ep.named_parameters())["moe.experts.local.w1"],
-                    shard_of(ep, "moe.experts.local.w1", Net().moe.experts.w1))
-    return {"errors": {"loss": loss_err, "grad_norm": norm_err, "parameters": max(param_err)},
-            "norms": norms, "clip": clip, "experts_moved": moved,
-            "num_expert_params": len(sync.expert), "num_dp_params": len(sync.data_parallel)}
-
-
-def check_reshard(_counts, clip=0.05):
-    """Single process → W ranks → W/2 ranks → one process → W ranks, training a step between
-    and comparing every time with the same steps on one process (4 ranks only)."""
+def check_gather_round_trip(_counts, clip=0.05):
+    """The rank-0 gather of the one-group layout (``expert_parallel`` without a mesh,
+    ``full_state_dict`` and the optimizer versions): a single-process checkpoint (Adam after a
+    step) → W ranks → file → two independent groups of W/2 ranks → files → one process → W
+    ranks (4 ranks only). At each stop the loaded shards, Adam's moments and the loss of this
+    rank's slice against one process, and the gathered state dicts against the single-process
+    ones; one process takes a step on what it loaded against the reference's step. The
+    distributed steps between stops are those of ``check_mesh_reshard``: this layout does not
+    average data-parallel gradients."""
     rank, world = dist.get_rank(), dist.get_world_size()
     out = Path(os.environ["SPARSEMOE_TEST_DIR"])
-    ref, _, ref_opt, _ = make_pair()
-    errors = {}
-    # a single-process checkpoint, after one step on one process (W slices)
+    torch.manual_seed(0)
+    ref = Net()
+    ref_opt = adam(ref)
     reference_step(ref, ref_opt, 0, world, clip)
     single = {"model": copy.deepcopy(ref.state_dict()),
               "optimizer": copy.deepcopy(ref_opt.state_dict())}
+    errors = {}
 
-    # 1 → W: load it into W ranks and take a step
-    _, ep, _, ep_opt = make_pair(seed=1)
-    P.load_full_state_dict(ep, single["model"])
-    P.load_full_optimizer_state_dict(ep, ep_opt, single["optimizer"])
-    errors["load 1 -> W"] = parameter_errors(ep, ref)
-    distributed_step(ep, ep_opt, P.GradientSync(ep), 1, clip)
-    reference_step(ref, ref_opt, 1, world, clip)
-    errors["step on W"] = parameter_errors(ep, ref)
-
-    # W → file
-    model_state, opt_state = P.full_state_dict(ep), P.full_optimizer_state_dict(ep, ep_opt)
+    # 1 → W → file
+    whole = gather_stop("1 -> W", None, single, ref, ref_opt, 1, 1, errors)
     if rank == 0:
-        torch.save({"model": model_state, "optimizer": opt_state}, out / "w.pt")
-        errors["W state == single state"] = max(
-            max_err(v, ref.state_dict()[k]) for k, v in model_state.items())
-        errors["W keys == single keys"] = float(list(model_state) != list(ref.state_dict()))
+        torch.save(whole, out / "w.pt")
     dist.barrier()
 
-    # W → W/2: two independent groups of W/2 ranks each load the file and take a step
+    # W → W/2: two groups of W/2 ranks each load the file; each group's rank 0 writes its own
     halves = [dist.new_group(list(range(0, world // 2))),
               dist.new_group(list(range(world // 2, world)))]
     half = halves[rank // (world // 2)]
-    ck = torch.load(out / "w.pt")
-    torch.manual_seed(2)
-    ep2 = P.expert_parallel(Net(), half)
-    ep2_opt = adam(ep2)
-    P.load_full_state_dict(ep2, ck["model"])
-    P.load_full_optimizer_state_dict(ep2, ep2_opt, ck["optimizer"])
-    errors["load W -> W/2"] = parameter_errors(ep2, ref)
-    distributed_step(ep2, ep2_opt, P.GradientSync(ep2), 2, clip, group=half)
-    ref2 = Net()
-    ref2.load_state_dict(ref.state_dict())
-    ref2_opt = adam(ref2)
-    ref2_opt.load_state_dict(ref_opt.state_dict())
-    reference_step(ref2, ref2_opt, 2, world // 2, clip)
-    errors["step on W/2"] = parameter_errors(ep2, ref2)
-    half_model = P.full_state_dict(ep2)
-    half_opt = P.full_optimizer_state_dict(ep2, ep2_opt)
-    if dist.get_rank(half) == 0:
-        torch.save({"model": half_model, "optimizer": half_opt}, out / f"half{rank}.pt")
+    half_state = gather_stop("W -> W/2", half, torch.load(out / "w.pt"), ref, ref_opt, 2, 2,
+                             errors)
+    if half_state is not None:
+        torch.save(half_state, out / f"half{rank}.pt")
     dist.barrier()
 
     # W/2 → 1: one process loads the file of ranks 0..W/2-1 and takes a step
@@ -446,21 +426,16 @@ def check_reshard(_counts, clip=0.05):
     one_opt = adam(one)
     one.load_state_dict(ck["model"])
     one_opt.load_state_dict(ck["optimizer"])
-    errors["load W/2 -> 1"] = parameter_errors(one, ref2)
-    reference_step(one, one_opt, 3, 1, clip)
-    reference_step(ref2, ref2_opt, 3, 1, clip)
-    errors["step on 1"] = parameter_errors(one, ref2)
+    errors["load W/2 -> 1"] = parameter_errors(one, ref)
+    reference_step(one, one_opt, 3, world, clip)
+    reference_step(ref, ref_opt, 3, world, clip)
+    errors["step on 1"] = parameter_errors(one, ref)
+    errors["step on 1 state"] = state_errors(one, one_opt, ref, ref_opt)[0]
 
     # 1 → W: back to every rank
-    torch.manual_seed(4)
-    back = P.expert_parallel(Net())
-    back_opt = adam(back)
-    P.load_full_state_dict(back, one.state_dict())
-    P.load_full_optimizer_state_dict(back, back_opt, one_opt.state_dict())
-    errors["load 1 -> W (back)"] = parameter_errors(back, ref2)
-    distributed_step(back, back_opt, P.GradientSync(back), 4, clip)
-    reference_step(ref2, ref2_opt, 4, world, clip)
-    errors["step on W (back)"] = parameter_errors(back, ref2)
+    gather_stop("1 -> W (back)", None, {"model": one.state_dict(),
+                                        "optimizer": one_opt.state_dict()}, ref, ref_opt, 4, 4,
+                errors)
     for group in halves:
         dist.destroy_process_group(group)
     return {"errors": errors}
@@ -512,8 +487,6 @@ def check_errors(_counts):
         "experts_count": lambda: MoE(D, 2 * world, k=1, process_group=dist.group.WORLD,
                                      expert_modules=[nn.Linear(D, D) for _ in range(2 * world)]),
         "no_moe": lambda: P.expert_parallel(nn.Linear(D, D)),
-        "group": lambda: P.GradientSync(P.expert_parallel(MoE(D, world, k=1, hidden=4)),
-                                        group=dist.new_group(list(range(world)))),
         "checkpoint": lambda: P.load_full_state_dict(
             P.expert_parallel(MoE(D, 2 * world, k=1, hidden=4)),
             MoE(D, world, k=1, hidden=4).state_dict()),
@@ -540,7 +513,8 @@ def check_errors(_counts):
     return {"messages": messages, "world": world}
 
 
-MESH_SHAPES = ((4, 1), (2, 2), (1, 4))
+MESH_SHAPES = {2: ((2, 1), (1, 2)), 4: ((4, 1), (2, 2), (1, 4))}
+"""The dp × ep meshes of 2 and 4 ranks."""
 
 
 def full_value(t):
@@ -579,10 +553,10 @@ def state_errors(model, opt, ref, ref_opt):
     return worst, sorted(names)
 
 
-def mesh_step(model, opt, step, clip, world=4):
+def mesh_step(model, opt, step, clip):
     """One step of a parallelize-d model on its rank's slice; ``(loss, norm)``."""
     rank = dist.get_rank()
-    xs, ys = batch_for(step, world)
+    xs, ys = batch_for(step, dist.get_world_size())
     loss = step_loss(model, xs[rank], ys[rank], 1000 * step + rank)
     opt.zero_grad()
     loss.backward()
@@ -611,13 +585,14 @@ def local_numbers(model):
 
 def check_mesh_training(_counts, optimizer="adam", replicate=False, steps=5, clip=0.05):
     """Five steps of ``optimizer`` (a key of :data:`OPTIMIZERS`) with clipping on each
-    dp × ep mesh of 4 ranks (sharded, or ``replicate``-d over dp) against one process:
+    dp × ep mesh of the world's 2 or 4 ranks (sharded, or ``replicate``-d over dp) against one
+    process:
     losses, gradient norms, gradients (after clipping), parameters and optimizer state; the
     numbers of parameters each rank stores."""
     rank, world = dist.get_rank(), dist.get_world_size()
     make_opt = OPTIMIZERS[optimizer]
     errors, norms, state, stored = {}, [], [], {}
-    for shape in MESH_SHAPES:
+    for shape in MESH_SHAPES[world]:
         torch.manual_seed(0)
         ref = Net()
         model = mesh_model(shape, 0, replicate)
@@ -686,7 +661,7 @@ def check_fsdp_bytes(_counts):
     single = Net()
     bank = dict(single.moe.experts.named_parameters())
     out = {}
-    for shape in MESH_SHAPES:
+    for shape in MESH_SHAPES[world]:
         dp, ep = shape
         local_bank = {n: p[: EXPERTS // ep] for n, p in bank.items()}
         counts = {"non_expert": sum(p.numel() for n, p in single.named_parameters()
@@ -765,7 +740,7 @@ CHECKS = {
     "hierarchical": check_hierarchical, "autocast": check_autocast,
     "one_rank_receives": check_one_rank_receives, "bytes": counted_bytes,
     "compiled": check_compiled, "fsdp_bytes": check_fsdp_bytes,
-    "training": check_training, "reshard": check_reshard,
+    "gather_round_trip": check_gather_round_trip,
     "mesh_training": check_mesh_training, "mesh_reshard": check_mesh_reshard,
     "mesh_training_factored": lambda c: check_mesh_training(c, "factored_adam"),
     "mesh_reshard_factored": lambda c: check_mesh_reshard(c, "factored_adam"),

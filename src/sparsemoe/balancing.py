@@ -47,8 +47,8 @@ class _Accumulator:
             flat = torch.cat([s.detach().reshape(-1) for s in sums])
             dist.all_reduce(flat, group=self.group)
             # The global value, with each rank's gradient scaled by W: averaging the ranks'
-            # gradients (DistributedDataParallel, parallel.GradientSync) then sums them, as one
-            # process holding every rank's tokens would.
+            # gradients (FSDP2 under parallel.parallelize, DistributedDataParallel) then sums
+            # them, as one process holding every rank's tokens would.
             parts = flat.split([s.numel() for s in sums])
             sums = BalanceSums(*(g.view_as(s) + world * (s - s.detach())
                                  for g, s in zip(parts, sums, strict=True)))
@@ -68,12 +68,12 @@ class GlobalBatchBalancing:
     micro-batches' losses backpropagated together, in gradient.
 
     Gradients: the all-reduced sums carry each rank's own gradient scaled by the world size
-    ``W``, so that averaging the ranks' gradients (as ``DistributedDataParallel`` and
-    :class:`sparsemoe.parallel.GradientSync` do) gives the gradient of one process holding
-    every rank's tokens. Add only the last micro-batch's aux loss (``sparsemoe.aux_loss(model)``
-    after the last forward) to the loss: it already covers the earlier micro-batches, whose
-    autograd graphs it keeps until the backward pass (the memory of one big batch). Across
-    ranks the memory stays that of one rank's batch.
+    ``W``, so that averaging the ranks' gradients (as FSDP2 under
+    :func:`sparsemoe.parallel.parallelize` and ``DistributedDataParallel`` do) gives the
+    gradient of one process holding every rank's tokens. Add only the last micro-batch's aux
+    loss (``sparsemoe.aux_loss(model)`` after the last forward) to the loss: it already covers
+    the earlier micro-batches, whose autograd graphs it keeps until the backward pass (the
+    memory of one big batch). Across ranks the memory stays that of one rank's batch.
 
     Routers: those that fill :attr:`Routing.sums` (noisy top-k, hierarchical, top-k, Switch,
     GShard, DeepSeek-V3 with ``w_sequence=0``: its sequence-wise loss is per sequence by

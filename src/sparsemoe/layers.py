@@ -294,6 +294,9 @@ class MoE(MoELayer):
             holds this rank's modules), and tokens travel to them. The local experts are initialised
             from a stream of the rank's own; to start from a single-process model's weights,
             build it on every rank and call :func:`sparsemoe.parallel.expert_parallel`.
+            Nothing averages the other parameters' gradients over the ranks: to train on
+            several ranks, build the layer without a group and call
+            :func:`sparsemoe.parallel.parallelize`.
 
     Shape:
         ``[..., d_model] -> [..., d_model]``.

@@ -23,8 +23,9 @@ unchanged on it.
 
 - :func:`expert_parallel` shards the banks of a model built for one process (the usual way:
   build the same model on every rank with the same seed, then shard it);
-- :class:`GradientSync` makes the training split explicit: data-parallel gradients are
-  averaged over the ranks, expert gradients stay on their rank;
+- :func:`~sparsemoe.parallel.parallelize` trains on a ``("dp", "ep")`` device mesh: experts
+  over "ep", FSDP2 (sharded, or ``replicate=True``) over "dp", which averages the
+  data-parallel gradients (:mod:`sparsemoe.parallel.mesh`);
 - :func:`full_state_dict` / :func:`load_full_state_dict` (and the optimizer versions) save and
   load the single-process layout, so a checkpoint written by ``W`` ranks loads into ``W'``
   ranks or into one process, and back.
@@ -55,7 +56,6 @@ from .exchange import (
 )
 from .mesh import MESH_DIMS, clip_grad_norm_, parallelize
 from .model import (
-    GradientSync,
     exchange_stats,
     expert_parallel,
     full_optimizer_state_dict,
@@ -68,7 +68,6 @@ __all__ = [
     "MESH_DIMS",
     "ExchangeStats",
     "ExpertParallel",
-    "GradientSync",
     "ProcessGroup",
     "all_to_all",
     "clip_grad_norm_",

@@ -1,15 +1,17 @@
-"""Expert parallelism at the level of a model: shard its MoE layers
+"""Expert parallelism at the level of a model on one process group: shard its MoE layers
 (:func:`expert_parallel`), save and load the single-process layout of its state and its
-optimizer's state, and synchronise its gradients (:class:`GradientSync`, deprecated for
-:func:`~sparsemoe.parallel.parallelize`).
+optimizer's state by a gather on rank 0.
+
+This layout runs the experts distributed; it does not average the data-parallel gradients
+(routers, every non-expert layer). Training on several ranks goes through
+:func:`~sparsemoe.parallel.parallelize`, whose FSDP2 (sharded or ``replicate=True``) reduces
+them.
 
 Above the layers' protocol: it finds MoE layers as :class:`~sparsemoe.module.MoEModule`
 instances and imports no layer class.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,6 @@ from .exchange import (
     ExpertParallel,
     ProcessGroup,
     check_feed_forward_bank,
-    require_distributed,
     shard_experts,
 )
 
@@ -41,6 +42,12 @@ def expert_parallel(model: nn.Module, group: ProcessGroup | None = None,
 
     Build the same single-process model on every rank (the same seed) and call this: the
     distributed model then starts from exactly the single-process weights.
+
+    Each rank's forward and backward then equal one process's on that rank's tokens (the
+    expert gradients summing every rank's tokens), but nothing averages the data-parallel
+    gradients: this layout serves inference and expert parallelism by hand. Training on
+    several ranks: :func:`~sparsemoe.parallel.parallelize` (sharded, or ``replicate=True``
+    for DDP's layout), which calls this on the mesh's "ep" group.
 
     Returns:
         ``model``.
@@ -205,102 +212,3 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
             for name, v in entry.items()
         }
     optimizer.load_state_dict(local)
-
-
-class GradientSync:
-    """The gradient step of expert-parallel training, made explicit. Deprecated: use
-    :func:`~sparsemoe.parallel.parallelize` on a ``("dp", "ep")`` device mesh (FSDP2 reduces
-    the gradients) and :func:`~sparsemoe.parallel.clip_grad_norm_`.
-
-    Each rank ``r`` computes its loss ``L_r`` on its own tokens; the step minimises their mean
-    ``L = (1/W) Σ_r L_r``, exactly what one process does with all the tokens. Hence:
-
-    - data-parallel parameters (:attr:`data_parallel`: router, gate, every non-expert layer)
-      hold ``∂L_r/∂φ`` on rank ``r``: their gradients are averaged over the ranks (one
-      all-reduce of a flat buffer, as DDP does);
-    - expert parameters (:attr:`expert`) hold ``Σ_r ∂L_r/∂θ`` on the rank of their expert (the
-      reverse exchange brought every rank's contribution): they are divided by ``W`` and never
-      communicated, nor averaged with other ranks' experts.
-
-    A training loop stays ordinary::
-
-        sync = GradientSync(model)
-        for x, y in batches:  # this rank's share of the batch
-            loss = loss_fn(model(x), y) + sparsemoe.aux_loss(model)
-            opt.zero_grad()
-            loss.backward()
-            sync.sync()                   # the one line expert parallelism adds
-            sync.clip_grad_norm_(1.0)     # optional: the norm over all ranks
-            opt.step()
-
-    A parameter whose gradient is None on every rank keeps None (the optimizer skips it, as on
-    one process).
-
-    Args:
-        model: a model whose expert banks are :class:`ExpertParallel` (or none: plain data
-            parallelism).
-        group: the data-parallel group; it must be the experts' group (None: theirs, or the
-            default group).
-    """
-
-    def __init__(self, model: nn.Module, group: ProcessGroup | None = None) -> None:
-        warnings.warn("sparsemoe.parallel.GradientSync is deprecated: use "
-                      "sparsemoe.parallel.parallelize(model, mesh) and "
-                      "sparsemoe.parallel.clip_grad_norm_", DeprecationWarning, stacklevel=2)
-        banks = _expert_banks(model)
-        if banks:
-            experts_group = _common_group(banks)
-            if group is not None and not _same_group(group, experts_group):
-                raise ValueError("group must be the process group of the expert-parallel "
-                                 "layers (each rank's tokens are averaged over the same ranks "
-                                 "that hold the experts), got a different group")
-            group = experts_group
-        require_distributed()
-        self.group = group
-        self.world_size = dist.get_world_size(group)
-        experts = _expert_params(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.expert = [p for p in params if id(p) in experts]
-        self.data_parallel = [p for p in params if id(p) not in experts]
-        self.device = params[0].device if params else torch.device("cpu")
-
-    def sync(self) -> None:
-        """Average the data-parallel gradients over the ranks; divide the expert gradients by
-        ``W``. Call it after ``backward()``, on every rank."""
-        w = self.world_size
-        buckets: dict[tuple, list[nn.Parameter]] = {}
-        for p in self.data_parallel:
-            buckets.setdefault((p.device, p.dtype), []).append(p)
-        for (device, dtype), params in buckets.items():
-            grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]
-            present = torch.tensor([p.grad is not None for p in params], dtype=dtype,
-                                   device=device)
-            flat = torch.cat([g.reshape(-1) for g in grads] + [present])
-            dist.all_reduce(flat, group=self.group)
-            sizes = [g.numel() for g in grads]
-            *values, counts = flat.split([*sizes, len(params)])
-            for p, value, count in zip(params, values, counts.tolist(), strict=True):
-                p.grad = value.view(p.shape).div_(w) if count > 0 else None
-        for p in self.expert:
-            if p.grad is not None:
-                p.grad.div_(w)
-
-    def clip_grad_norm_(self, max_norm: float) -> Tensor:
-        """Scale every gradient by ``min(1, max_norm / (‖g‖ + 1e-6))`` where ``‖g‖`` is the
-        2-norm of the whole model's gradient, as ``torch.nn.utils.clip_grad_norm_`` on one
-        process: the data-parallel gradients (the same on every rank after :meth:`sync`)
-        counted once, the expert gradients of every rank. Returns ``‖g‖``.
-        """
-        dp = [p.grad for p in self.data_parallel if p.grad is not None]
-        ex = [p.grad for p in self.expert if p.grad is not None]
-        squares = torch.zeros(2, device=self.device)
-        for i, grads in enumerate((dp, ex)):
-            if grads:
-                squares[i] = torch.stack([g.float().square().sum() for g in grads]).sum()
-        experts_sq = squares[1:].clone()
-        dist.all_reduce(experts_sq, group=self.group)
-        total = (squares[0] + experts_sq[0]).sqrt()
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        for g in dp + ex:
-            g.mul_(coef.to(g.dtype))
-        return total
