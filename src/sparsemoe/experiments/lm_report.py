@@ -186,13 +186,8 @@ def write_report(results: list[dict], out: Path) -> None:
 
 
 def _plots(results: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plots skipped (pip install 'sparsemoe[plot]')")
+    plt = runs.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     flat = sorted((r for r in results if r["model_config"].get("middle") == "moe"),

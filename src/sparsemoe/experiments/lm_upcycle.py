@@ -283,13 +283,8 @@ def write_report(rows: list[dict], out: str | Path, seconds: float | None = None
 
 
 def _plot(rows: list[dict], out: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install 'sparsemoe[plot]')")
+    plt = runs.pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = dict(zip(BRANCHES, ("k", "tab:blue", "tab:red", "tab:green", "tab:gray"),

@@ -113,6 +113,20 @@ def write_json(path: str | Path, obj: object) -> Path:
     return atomic_write(path, json.dumps(obj, indent=1))
 
 
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend, or None after saying that
+    the plots are skipped when matplotlib (the ``plot`` extra) is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: plots skipped (pip install 'sparsemoe[plot]')")
+        return None
+    return plt
+
+
 def save_figure(fig, path: str | Path, **kwargs) -> Path:
     """:func:`atomic_write` of a matplotlib figure, in the format of ``path``'s suffix."""
     fmt = Path(path).suffix.lstrip(".") or "png"
