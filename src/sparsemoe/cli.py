@@ -104,7 +104,9 @@ _LM_MODEL_HELP = {"middle": "middle layer", "num_experts": "experts", "k": "expe
                   "balancing": "how the flat MoE is balanced: paper (noisy top-k, CV losses), "
                   "switch (top-k, Switch loss), aux-free (DeepSeek-V3 bias)",
                   "gate_init_std": "noisy top-k gates: W_g ~ N(0, std²) instead of the paper's "
-                  "zeros (default: the preset's)"}
+                  "zeros (default: the preset's)",
+                  "bias_update_speed": "aux-free balancing: γ of the bias update after each "
+                  "optimiser step (default: DeepSeek-V3's 1e-3)"}
 
 
 def _lm_arch(args: argparse.Namespace) -> str:

@@ -126,6 +126,19 @@ def test_balancing_errors():
         LMConfig(middle="hmoe", num_experts=32, groups=4, balancing="switch")
 
 
+def test_bias_update_speed_reaches_the_aux_free_router_and_is_refused_elsewhere():
+    def router(**kw):
+        cfg = LMConfig(vocab_size=50, d_model=16, num_experts=8, hidden=8, **kw)
+        return LSTMLanguageModel(cfg).moe_layers()[0].router
+
+    assert router(balancing="aux-free").bias_update_speed == 1e-3  # DeepSeek-V3's γ
+    assert router(balancing="aux-free", bias_update_speed=0.02).bias_update_speed == 0.02
+    with pytest.raises(ValueError, match="bias_update_speed is for balancing 'aux-free'.*'paper'"):
+        LMConfig(bias_update_speed=0.01)
+    with pytest.raises(ValueError, match="bias_update_speed"):
+        LMConfig(balancing="aux-free", bias_update_speed=0.0)
+
+
 def test_gate_init_std_reaches_the_noisy_gates_and_is_refused_elsewhere():
     for middle in ("moe", "hmoe"):
         cfg = LMConfig(vocab_size=50, d_model=16, middle=middle, num_experts=32, groups=4,

@@ -62,6 +62,9 @@ class LMConfig:
     # W_g ~ N(0, std²) in the noisy top-k gates ("moe", "hmoe"; "deep"'s single expert and
     # "lstm" have no gate to speak of); 0: zeros, as the paper
     gate_init_std: float = 0.0
+    # "aux-free": γ of the bias update b_i += γ·sign(mean load − load_i) after each optimiser
+    # step; None: DeepSeek-V3's 1e-3
+    bias_update_speed: float | None = None
 
     @property
     def experts_per_token(self) -> int:
@@ -81,6 +84,12 @@ class LMConfig:
             raise ValueError(f"gate_init_std is for the noisy top-k gate (balancing 'paper'), got "
                              f"gate_init_std={self.gate_init_std} with balancing "
                              f"{self.balancing!r}")
+        if self.bias_update_speed is not None:
+            check_number("bias_update_speed", self.bias_update_speed, low=0, low_open=True)
+            if self.balancing != "aux-free":
+                raise ValueError(f"bias_update_speed is for balancing 'aux-free', got "
+                                 f"bias_update_speed={self.bias_update_speed} with balancing "
+                                 f"{self.balancing!r}")
         if self.middle == "hmoe" and self.num_experts % self.groups:
             raise ValueError(f"num_experts ({self.num_experts}) must be a multiple of groups "
                              f"({self.groups}) for a hierarchical MoE")
@@ -144,8 +153,10 @@ class LSTMLanguageModel(nn.Module):
                               gate_init_std=cfg.gate_init_std))
         elif cfg.middle == "moe":
             n = cfg.num_experts
+            speed = {} if cfg.bias_update_speed is None else {
+                "bias_update_speed": cfg.bias_update_speed}
             router = (TopKRouter(d, n, cfg.k) if cfg.balancing == "switch"
-                      else DeepSeekV3Router(d, n, cfg.k, w_sequence=0.0))
+                      else DeepSeekV3Router(d, n, cfg.k, w_sequence=0.0, **speed))
             layers.append(MoELayer(router, FeedForwardExperts(n, d, cfg.hidden),
                                    output_activation="sigmoid"))
         elif cfg.middle == "hmoe":
