@@ -36,6 +36,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _flag_type(config: type, name: str) -> Any:
+    """The type of ``config``'s field ``name`` as a flag takes it: ``X`` for ``X | None``."""
+    kind = typing.get_type_hints(config)[name]
+    if isinstance(kind, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    return kind
+
+
 def _add_config_arguments(
     parser: argparse.ArgumentParser, config: type, *, skip: tuple[str, ...] = (),
     flags: dict[str, str] | None = None, required: tuple[str, ...] = (),
@@ -45,13 +53,10 @@ def _add_config_arguments(
     the fields in ``required`` must be given. Every flag's parsed default is None: the
     dataclass fills in its own default."""
     flags = flags or {}
-    hints = typing.get_type_hints(config)
     for f in dataclasses.fields(config):
         if f.name in skip:
             continue
-        kind = hints[f.name]
-        if isinstance(kind, types.UnionType):  # X | None: the flag's type is X
-            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        kind = _flag_type(config, f.name)
         options: dict[str, Any] = {"dest": f.name, "default": None}
         if kind is bool:  # a switch: given, True; absent, the dataclass's default
             options["action"] = "store_true"
@@ -227,8 +232,8 @@ def _add_lm(sub: Any) -> None:
         _add_config_arguments(p, lm.LMTrainConfig, skip=("preset", "model"), required=("out",))
         choices = {"middle": MIDDLES, "balancing": BALANCINGS}
         for name in _LM_MODEL_HELP:
-            kind = type(getattr(LMConfig, name))
-            p.add_argument(_LM_MODEL_FLAGS.get(name, _flag(name)), dest=name, type=kind,
+            p.add_argument(_LM_MODEL_FLAGS.get(name, _flag(name)), dest=name,
+                           type=_flag_type(LMConfig, name),
                            default=None, help=_LM_MODEL_HELP[name], choices=choices.get(name))
 
     train = lm_sub.add_parser("train", help="train one model (resumes from --out's checkpoint)")

@@ -208,6 +208,18 @@ def test_cli_flags_are_the_config_fields_and_its_errors_usage_errors(capsys, tmp
         assert f"usage: sparsemoe lm {command}" in err and message in err
 
 
+def test_model_flags_reach_the_model_config_with_their_field_types(tmp_path):
+    from sparsemoe import cli
+
+    args = cli.build_parser().parse_args(
+        ["lm", "train", "--out", str(tmp_path), "--preset", "MoE-32", "--balancing", "aux-free",
+         "--bias-update-speed", "0.02", "--experts", "16", "--dropout", "0.25"])
+    cfg = cli._lm_train_config(args.command_parser, args)
+    assert cfg.model == {"balancing": "aux-free", "bias_update_speed": 0.02,
+                         "num_experts": 16, "dropout": 0.25}
+    assert type(cfg.model["bias_update_speed"]) is float and type(cfg.model["num_experts"]) is int
+
+
 def test_train_config_is_a_deprecated_name():
     import sparsemoe.experiments.dmoe as dmoe
     import sparsemoe.experiments.lm as lm
