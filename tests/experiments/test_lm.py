@@ -13,6 +13,7 @@ from torch import nn
 
 import sparsemoe
 from sparsemoe.cli import main
+from sparsemoe.experiments import runs
 from sparsemoe.experiments.lm import (
     LMTrainConfig,
     Trainer,
@@ -76,6 +77,12 @@ def test_resume_is_exact(corpus_file, tmp_path, optimizer):
                                        r"\(lr: saved 0.002, now 1.0\)"):
         Trainer(replace(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), lr=1.0),
                 progress=False)
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ck["exchange_capacity"] is None  # one process: no exchange
+    runs.save_checkpoint(tmp_path / "b" / "checkpoint.pt", {**ck, "exchange_capacity": 5})
+    with pytest.warns(UserWarning, match="trained with exchange_capacity 5 and resumes with "
+                                         "None: the rows the padded exchange drops can differ"):
+        Trainer(tiny_config(corpus_file, tmp_path / "b", optimizer=optimizer), progress=False)
 
 
 def test_cli_train_eval_compare_end_to_end(corpus_file, tmp_path, capsys):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -344,6 +345,12 @@ class Trainer(runs.TrainingRun):
                 raise runs.RunError(f"{ckpt_path} was written by a different configuration "
                                     f"({'; '.join(changed)}); use another run directory "
                                     f"(out) or the same settings")
+            saved_capacity = self.ckpt.get("exchange_capacity")
+            if saved_capacity != processes.exchange_capacity:  # allowed: equal if none dropped
+                warnings.warn(f"{ckpt_path} was trained with exchange_capacity "
+                              f"{saved_capacity} and resumes with "
+                              f"{processes.exchange_capacity}: the rows the padded exchange "
+                              f"drops can differ from the saved run's", stacklevel=2)
             saved = self.ckpt["config"]
             if saved.get("schedule") == "cosine" and saved.get("decay_steps") is None and \
                     saved.get("steps") != cfg.steps:
@@ -432,7 +439,7 @@ class Trainer(runs.TrainingRun):
             "vocab": self.corpus.vocab.words, "scheduler": self.sched.state_dict(),
             "data": self.batcher.state_dict(), "rng": self.processes.rng_states(),
             "recurrent_state": state, "step": self.step, "train_seconds": self.train_seconds,
-            "history": self.history,
+            "history": self.history, "exchange_capacity": self.processes.exchange_capacity,
         }
         if self.processes.sharded:
             save_sharded_checkpoint(self.out / SHARDED_CHECKPOINT, self.model, self.opt, extra)

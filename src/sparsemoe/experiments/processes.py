@@ -43,6 +43,7 @@ class OneProcess:
     rank = 0
     world_size = 1
     device = torch.device("cpu")
+    exchange_capacity: int | None = None  # no expert exchange: nothing is dropped
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """The model to train, on :attr:`device`."""
