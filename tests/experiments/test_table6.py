@@ -46,6 +46,20 @@ def tiny(corpus_file, out, steps=4):
                        warmup=2, out=str(out))
 
 
+def gated_lm(noise: bool = True):
+    """A tiny LSTM LM (11 words, 5 experts, k = 2) and its router, seeded, with a non-trivial
+    gate: W_g, and W_noise if ``noise``, drawn from N(0, 1) (the paper's start is zeros)."""
+    torch.manual_seed(0)
+    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
+                                       dropout=0.0))
+    router = model.moe_layers()[0].router
+    with torch.no_grad():
+        router.w_gate.normal_()
+        if noise:
+            router.w_noise.normal_()
+    return model, router
+
+
 def test_balance_statistics_by_hand():
     imp = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
     load = torch.tensor([0.0, 4.0, 4.0, 8.0], dtype=torch.float64)
@@ -62,13 +76,7 @@ def test_balance_statistics_by_hand():
 def test_routing_balance_sums_the_routers_choices(noisy):
     """Importance and load over the text from the router's own output, captured by a hook and
     summed by hand; clean routing must also agree with the evaluation's expert counts."""
-    torch.manual_seed(0)
-    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
-                                       dropout=0.0))
-    router = model.moe_layers()[0].router
-    with torch.no_grad():  # a non-trivial gate (it starts at zero)
-        router.w_gate.normal_()
-        router.w_noise.normal_()
+    model, router = gated_lm()
     tokens = torch.randint(0, 11, (60,))
     imp = torch.zeros(5, dtype=torch.float64)
     load = torch.zeros(5, dtype=torch.float64)
@@ -97,12 +105,7 @@ def test_routing_balance_sums_the_routers_choices(noisy):
 def test_load_by_token_counts_each_input_tokens_choices():
     """Rebuilt by hand from the router's output and the streams' input tokens; its column
     sums are the evaluation's expert counts."""
-    torch.manual_seed(0)
-    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
-                                       dropout=0.0))
-    router = model.moe_layers()[0].router
-    with torch.no_grad():
-        router.w_gate.normal_()
+    model, router = gated_lm(noise=False)
     tokens = torch.randint(0, 11, (41,))  # 40 inputs: 4 streams of 10, bptt 5
     seen: list[list[list[int]]] = []
     hook = router.register_forward_hook(
@@ -124,13 +127,7 @@ def test_load_by_token_counts_each_input_tokens_choices():
 def test_gate_scales_by_hand():
     """The router's inputs are the first LSTM's output plus the embedding (the residual):
     recompute them outside the model and the three scales from their definitions."""
-    torch.manual_seed(0)
-    model = LSTMLanguageModel(LMConfig(vocab_size=11, d_model=8, num_experts=5, k=2, hidden=8,
-                                       dropout=0.0))
-    router = model.moe_layers()[0].router
-    with torch.no_grad():
-        router.w_gate.normal_()
-        router.w_noise.normal_()
+    model, router = gated_lm()
     tokens = torch.randint(0, 11, (41,))  # 40 inputs: 4 streams of 10, bptt 5
     got = gate_scales(model, tokens, batch_size=4, bptt=5)
     with torch.no_grad():
