@@ -60,6 +60,20 @@ def balance_statistics(importance: Tensor, tokens_per_expert: Tensor) -> dict:
             "experts_unused": int((tokens_per_expert == 0).sum())}
 
 
+def _read_text(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int,
+               noisy: bool = False):
+    """:func:`~sparsemoe.experiments.lm.stream_forward` over ``tokens`` with the model in
+    evaluation mode, its first MoE layer's router in training mode if ``noisy`` (the gating
+    noise of eq. 4); the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    model.moe_layers()[0].router.train(noisy)
+    try:
+        yield from stream_forward(model, tokens, batch_size, bptt)
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def routing_balance(
     model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: int, noisy: bool = False
@@ -72,16 +86,10 @@ def routing_balance(
     which is the routing the balancing loss saw.
     """
     layer = model.moe_layers()[0]
-    was_training = model.training
-    model.eval()
-    layer.router.train(noisy)
     importance, load = 0.0, 0.0
-    try:
-        for _ in stream_forward(model, tokens, batch_size, bptt):
-            importance = importance + layer.stats.importance.double()
-            load = load + layer.stats.tokens_per_expert.double()
-    finally:
-        model.train(was_training)
+    for _ in _read_text(model, tokens, batch_size, bptt, noisy):
+        importance = importance + layer.stats.importance.double()
+        load = load + layer.stats.tokens_per_expert.double()
     return balance_statistics(importance, load)
 
 
@@ -92,22 +100,16 @@ def load_by_token(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt:
     reads them) broken down by the input token: ``[vocab_size, n]`` int64, entry ``(v, i)``
     the pairs routed to expert ``i`` at positions whose input token is ``v``. Its column sums
     are the load; its rows show how a frequent token is spread over the experts."""
-    layer = model.moe_layers()[0]
+    router = model.moe_layers()[0].router
     chosen: list[Tensor] = []
-    hook = layer.router.register_forward_hook(
-        lambda mod, inp, out: chosen.append(out.expert_indices.flatten(0, -2)))
-    counts = torch.zeros(vocab_size, layer.router.num_experts, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    try:
-        for _, _, positions in stream_forward(model, tokens, batch_size, bptt):
+    counts = torch.zeros(vocab_size, router.num_experts, dtype=torch.int64)
+    with router.register_forward_hook(
+            lambda mod, inp, out: chosen.append(out.expert_indices.flatten(0, -2))):
+        for _, _, positions in _read_text(model, tokens, batch_size, bptt):
             experts = chosen.pop()  # [b·l, k], rows in the positions' order
             ids = tokens[positions.reshape(-1)].long()[:, None].expand_as(experts)
             counts.index_put_((ids.reshape(-1), experts.reshape(-1)),
                               torch.ones(experts.numel(), dtype=torch.int64), accumulate=True)
-    finally:
-        hook.remove()
-        model.train(was_training)
     return counts
 
 
@@ -124,15 +126,9 @@ def gate_scales(model: torch.nn.Module, tokens: Tensor, batch_size: int, bptt: i
     """
     router = model.moe_layers()[0].router
     inputs: list[Tensor] = []
-    hook = router.register_forward_pre_hook(lambda mod, args: inputs.append(args[0]))
-    was_training = model.training
-    model.eval()
-    try:
-        for _ in stream_forward(model, tokens, batch_size, bptt):
+    with router.register_forward_pre_hook(lambda mod, args: inputs.append(args[0])):
+        for _ in _read_text(model, tokens, batch_size, bptt):
             pass
-    finally:
-        hook.remove()
-        model.train(was_training)
     x = torch.cat(inputs).double()
     logits = x @ router.w_gate.double()
     common = logits.mean(0)
