@@ -108,15 +108,42 @@ def test_threads_do_not_change_the_result():
     torch.manual_seed(0)
     counts = torch.tensor([3, 30, 0, 7] * 8)
     x, w = torch.randn(int(counts.sum()), 64), torch.randn(32, 64, 256)
+    dy = torch.randn(x.shape[0], 256)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = few_rows.forward(x, w, counts)
-        torch.set_num_threads(2)
-        two = few_rows.forward(x, w, counts)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append((few_rows.forward(x, w, counts), few_rows.input_grad(dy, w, counts),
+                            few_rows.weight_grad(x, dy, counts)))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p,q", [(24, 48), (37, 70)])
+def test_streamed_weight_grad(monkeypatch, dtype, p, q):
+    """A weight gradient of at least STREAM_BYTES is written with non-temporal stores where
+    its memory is aligned for them and with plain stores elsewhere: the same values either way,
+    and an output one element off alignment (every vector store falls back) too."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 9, 1, 7])
+    x, dy = torch.randn(20, p).to(dtype), torch.randn(20, q).to(dtype)
+    cached = few_rows.weight_grad(x, dy, counts)
+    xr = x.double().requires_grad_()
+    w = torch.zeros(len(counts), p, q, dtype=torch.float64, requires_grad=True)
+    (want,) = torch.autograd.grad(loop_reference(xr, w, counts), w, dy.double())
+    torch.testing.assert_close(cached.double(), want, rtol=TOLERANCE[dtype],
+                               atol=TOLERANCE[dtype] * float(want.abs().amax()))
+    monkeypatch.setattr(few_rows, "STREAM_BYTES", 0)
+    for offset in (0, 1):
+        storage = torch.full((offset + cached.numel(),), float("nan"), dtype=dtype)
+        out = storage[offset:].view(cached.shape)
+        assert (out.data_ptr() % 32 == 0) == (offset == 0)
+        few_rows.weight_grad(x, dy, counts, out)
+        assert torch.equal(out, cached)  # the expert without rows: zeros, not the NaNs there
 
 
 def _calls(monkeypatch):

@@ -50,6 +50,12 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 MAX_ROWS_PER_EXPERT = 32
 """``impl="auto"`` uses the kernel where the experts get at most this many rows on average."""
 
+STREAM_BYTES = 32 << 20
+"""A weight gradient of at least this many bytes is written with non-temporal stores (past the
+caches, without first reading the lines it overwrites): 2.9–3.4× faster for 2 GB gradients of
+2 rows per expert, which are nothing but that write; a smaller one stays in the cache for the
+optimiser."""
+
 MAX_ROWS_PER_EXPERT_TRANSPOSED = 8
 """:data:`MAX_ROWS_PER_EXPERT` for a weight that is a transposed view (:func:`transposed_view`,
 transformers' experts): its forward is the kernel's dot-product form, which torch's grouped GEMM
@@ -101,7 +107,7 @@ def library() -> ctypes.CDLL | None:
         else:
             args = [ctypes.c_int, *[ctypes.c_void_p] * 4, *[ctypes.c_int64] * 3, ctypes.c_int]
             for name in ("smoe_forward", "smoe_input_grad", "smoe_weight_grad"):
-                getattr(lib, name).argtypes = args
+                getattr(lib, name).argtypes = args + [ctypes.c_int] * (name == "smoe_weight_grad")
                 getattr(lib, name).restype = ctypes.c_int
         _state["lib"] = lib
     return _state["lib"]
@@ -121,13 +127,15 @@ def preferred(rows: int, num_experts: int, transposed: bool = False) -> bool:
     return rows <= limit * num_experts
 
 
-def _call(name: str, a: Tensor, b: Tensor, out: Tensor, counts: Tensor, p: int, q: int) -> Tensor:
+def _call(name: str, a: Tensor, b: Tensor, out: Tensor, counts: Tensor, p: int, q: int,
+          *extra: int) -> Tensor:
     lib = library()
     if lib is None:
         raise RuntimeError("impl='few_rows' needs the few-row kernel, which could not be built "
                            "(see the warning above); use impl='grouped_mm' or 'loop'")
     status = getattr(lib, name)(DTYPES[out.dtype], a.data_ptr(), b.data_ptr(), out.data_ptr(),
-                                counts.data_ptr(), counts.numel(), p, q, torch.get_num_threads())
+                                counts.data_ptr(), counts.numel(), p, q, torch.get_num_threads(),
+                                *extra)
     if status:
         raise TypeError(f"the few-row kernel got dtype {out.dtype}; expected one of "
                         f"{tuple(DTYPES)}")
@@ -186,7 +194,8 @@ def weight_grad(x: Tensor, dy: Tensor, tokens_per_expert: Tensor,
     counts = _counts(tokens_per_expert)
     if out is None:
         out = x.new_empty(counts.numel(), x.shape[1], dy.shape[1])
-    return _call("smoe_weight_grad", x, dy, out, counts, x.shape[1], dy.shape[1])
+    return _call("smoe_weight_grad", x, dy, out, counts, x.shape[1], dy.shape[1],
+                 int(out.nbytes >= STREAM_BYTES))
 
 
 class FewRowsMatmul(torch.autograd.Function):

@@ -6,7 +6,9 @@
 //   input grad   dx[o_e + r, i] = Σ_j dy[o_e + r, j] · W[e, i, j]       (dY_e · W_eᵀ)
 //   weight grad  dW[e, i, j]   = Σ_r x[o_e + r, i] · dy[o_e + r, j]     (X_eᵀ · dY_e; 0 if m_e = 0)
 // The weights are read in place (no packing) and each W_e once per tile of up to 6 rows, so with
-// few rows per expert the products run at the speed the weights stream from memory. Register
+// few rows per expert the products run at the speed the weights stream from memory (software
+// prefetches into L2 ahead of the reads; the weight gradient, written once, with non-temporal
+// stores that skip reading its lines first). Register
 // tiles of 6 × 16 accumulators (two AVX2 vectors per row) for the forward and the weight
 // gradient, 4 rows × 3 weight rows of 8-lane dot products for the input gradient. float32 and
 // bfloat16 accumulate in float32, float64 in float64. Plain C ABI, called through ctypes.
@@ -15,6 +17,9 @@
 #include <cstring>
 #include <type_traits>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -82,14 +87,41 @@ inline void store(T* p, const V& v, int64_t count) {
   for (int64_t l = 0; l < count; ++l) p[l] = from_acc<T>(v[l]);
 }
 
+// A full vector stored past the caches (a non-temporal store) where the CPU has one and `p` is
+// aligned for it: a weight gradient larger than the caches is written once and read only by the
+// optimiser later, so fetching its lines into the cache before overwriting them (what a plain
+// store does) would double the memory traffic of the few-row weight gradient, which is nothing
+// but that write. The caller streams only such gradients (smoe_weight_grad's `stream`).
+template <typename T, typename V>
+inline void stream(T* p, const V& v) {
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_ps(p, reinterpret_cast<const __m256&>(v));
+      return;
+    }
+  } else if constexpr (std::is_same_v<T, double>) {
+    if ((reinterpret_cast<uintptr_t>(p) & 31) == 0) {
+      _mm256_stream_pd(p, reinterpret_cast<const __m256d&>(v));
+      return;
+    }
+  }
+#endif
+  store(p, v, Vec<typename Acc<T>::type>::lanes);
+}
+
 constexpr int MR = 6;              // rows of C per register tile
 constexpr int NV = 2;              // vectors of C columns per register tile
-constexpr int64_t PREFETCH = 16;   // rows of B ahead on a tile's first column strip
+// Rows of B (a weight) ahead that the products ask the L2 cache for. With a few rows per expert
+// they stream the weights from memory, and a tile reads one line per weight row or three rows
+// side by side, patterns the hardware prefetchers follow too slowly to keep enough lines in
+// flight.
+constexpr int64_t PREFETCH = 64;
 
 // C[R, cols] = A[R, K] · B[K, cols], A(r, k) = a[r·sar + k·sak], B row-major (ldb), C (ldc),
-// cols ≤ NV vectors. `next` is the B strip this tile's caller takes next: its lines are
-// prefetched row by row (B's rows are a page apart, where the hardware prefetchers stop).
-template <typename T, int R>
+// cols ≤ NV vectors; full tiles of C are written with `stream` if Stream. The next column
+// strip's line of each row is prefetched, and on a tile's first strip the rows PREFETCH ahead.
+template <typename T, int R, bool Stream>
 inline void tile_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ldb, T* c,
                     int64_t ldc, int64_t K, int64_t cols, bool first) {
   using A = typename Acc<T>::type;
@@ -99,8 +131,8 @@ inline void tile_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ld
   if (cols == NV * L) {
     for (int64_t k = 0; k < K; ++k) {
       const T* brow = b + k * ldb;
-      __builtin_prefetch(brow + NV * L);
-      if (first) __builtin_prefetch(brow + PREFETCH * ldb);
+      __builtin_prefetch(brow + NV * L, 0, 2);
+      if (first) __builtin_prefetch(brow + PREFETCH * ldb, 0, 2);
       V bv[NV];
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) bv[v] = load(brow + v * L);
@@ -112,7 +144,10 @@ inline void tile_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ld
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v], L);
+      for (int v = 0; v < NV; ++v) {
+        if constexpr (Stream) stream(c + r * ldc + v * L, acc[r][v]);
+        else store(c + r * ldc + v * L, acc[r][v], L);
+      }
     return;
   }
   A rest[R][NV * L] = {};
@@ -125,7 +160,7 @@ inline void tile_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ld
     for (int64_t j = 0; j < cols; ++j) c[r * ldc + j] = from_acc<T>(rest[r][j]);
 }
 
-template <typename T>
+template <typename T, bool Stream = false>
 void gemm_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ldb, T* c, int64_t ldc,
              int64_t M, int64_t K, int64_t j0, int64_t j1) {
   constexpr int64_t W = NV * Vec<typename Acc<T>::type>::lanes;
@@ -137,12 +172,12 @@ void gemm_ab(const T* a, int64_t sar, int64_t sak, const T* b, int64_t ldb, T* c
       const int64_t cols = j1 - j < W ? j1 - j : W;
       const bool first = m0 == 0 && j == j0;
       switch (rows) {
-        case 1: tile_ab<T, 1>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
-        case 2: tile_ab<T, 2>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
-        case 3: tile_ab<T, 3>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
-        case 4: tile_ab<T, 4>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
-        case 5: tile_ab<T, 5>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
-        default: tile_ab<T, 6>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        case 1: tile_ab<T, 1, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        case 2: tile_ab<T, 2, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        case 3: tile_ab<T, 3, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        case 4: tile_ab<T, 4, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        case 5: tile_ab<T, 5, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
+        default: tile_ab<T, 6, Stream>(at, sar, sak, b + j, ldb, ct + j, ldc, K, cols, first); break;
       }
     }
   }
@@ -164,7 +199,10 @@ inline void tile_abt(const T* a, int64_t lda, const T* b, int64_t ldb, T* c, int
   for (; k + L <= K; k += L) {
     V bv[I];
 #pragma GCC unroll 3
-    for (int i = 0; i < I; ++i) bv[i] = load(b + i * ldb + k);
+    for (int i = 0; i < I; ++i) {
+      __builtin_prefetch(b + (i + PREFETCH) * ldb + k, 0, 2);
+      bv[i] = load(b + i * ldb + k);
+    }
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const V av = load(a + r * lda + k);
@@ -261,24 +299,36 @@ void input_grad(const T* dy, const T* w, T* dx, const int64_t* counts, int64_t n
   }
 }
 
-template <typename T>
+template <typename T, bool Stream>
 void weight_grad(const T* x, const T* dy, T* dw, const int64_t* counts, int64_t n, int64_t p,
                  int64_t q, int threads) {
   const auto off = offsets(counts, n);
   const auto work = items(counts, n, q, COL_BLOCK, [](int64_t) { return true; });
   const int64_t size = static_cast<int64_t>(work.size());
-#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t t = 0; t < size; ++t) {
-    const Item it = work[t];
-    const int64_t o = off[it.expert], m = counts[it.expert];
-    T* out = dw + it.expert * p * q;
-    if (m == 0) {
-      for (int64_t i = 0; i < p; ++i)
-        for (int64_t j = it.begin; j < it.end; ++j) out[i * q + j] = from_acc<T>(0.0f);
-      continue;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t t = 0; t < size; ++t) {
+      const Item it = work[t];
+      const int64_t o = off[it.expert], m = counts[it.expert];
+      T* out = dw + it.expert * p * q;
+      if (m == 0) {
+        using V = typename Vec<typename Acc<T>::type>::type;
+        constexpr int64_t L = Vec<typename Acc<T>::type>::lanes;
+        for (int64_t i = 0; i < p; ++i) {
+          int64_t j = it.begin;
+          if constexpr (Stream)
+            for (; j + L <= it.end; j += L) stream(out + i * q + j, V{});
+          for (; j < it.end; ++j) out[i * q + j] = from_acc<T>(0.0f);
+        }
+        continue;
+      }
+      // dW_e = X_eᵀ · dY_e: A(i, r) = x[o + r, i] has strides (1, p).
+      gemm_ab<T, Stream>(x + o * p, 1, p, dy + o * q, q, out, q, p, m, it.begin, it.end);
     }
-    // dW_e = X_eᵀ · dY_e: A(i, r) = x[o + r, i] has strides (1, p).
-    gemm_ab(x + o * p, 1, p, dy + o * q, q, out, q, p, m, it.begin, it.end);
+#if defined(__AVX__)
+    if constexpr (Stream) _mm_sfence();  // this thread's streamed stores are visible to all
+#endif
   }
 }
 
@@ -316,12 +366,14 @@ int smoe_input_grad(int dtype, const void* dy, const void* w, void* dx, const in
   });
 }
 
+// stream: write dW with non-temporal stores (for a gradient larger than the caches).
 int smoe_weight_grad(int dtype, const void* x, const void* dy, void* dw, const int64_t* counts,
-                     int64_t n, int64_t p, int64_t q, int threads) {
+                     int64_t n, int64_t p, int64_t q, int threads, int stream) {
   return by_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    weight_grad(static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), counts,
-                n, p, q, threads);
+    (stream ? weight_grad<T, true> : weight_grad<T, false>)(
+        static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), counts, n, p, q,
+        threads);
   });
 }
 
