@@ -9,7 +9,7 @@ third (``sparsemoe.dispatch``). Rows are assigned to experts uniformly at random
 as a router's do. This is what ``sparsemoe.few_rows.MAX_ROWS_PER_EXPERT`` is derived from;
 ``--layout transposed`` stores each weight as the transposed view of a contiguous ``[q, p]``
 (transformers' experts), which the kernel reads with its other product, and gives
-``MAX_ROWS_PER_EXPERT_TRANSPOSED``.
+``MAX_ROWS_PER_EXPERT_DOT``.
 
     OMP_NUM_THREADS=1 python benchmarks/few_rows_gemm.py
     python benchmarks/few_rows_gemm.py --rows 2 16 64 --shapes 512x1024 --dtype bfloat16

@@ -17,8 +17,8 @@ def grouped_matmul_impls(monkeypatch):
     seen = []
     inner = dispatch._resolve_impl
 
-    def resolve(impl, x, w):
-        seen.append(inner(impl, x, w))
+    def resolve(impl, x, w, transpose=False):
+        seen.append(inner(impl, x, w, transpose))
         return seen[-1]
 
     monkeypatch.setattr(dispatch, "_resolve_impl", resolve)

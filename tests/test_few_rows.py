@@ -146,32 +146,51 @@ def test_streamed_weight_grad(monkeypatch, dtype, p, q):
         assert torch.equal(out, cached)  # the expert without rows: zeros, not the NaNs there
 
 
+def _products_on_kernel(monkeypatch, x, w, rows_per_expert):
+    """Which of forward, input gradient and weight gradient ``impl="auto"`` runs on the
+    kernel for ``x·w`` with ``rows_per_expert`` rows for each of ``w``'s experts."""
+    seen = set()
+    for name in ("forward", "input_grad", "weight_grad"):
+        real = getattr(few_rows, name)
+        monkeypatch.setattr(few_rows, name, lambda *a, _n=name, _f=real: seen.add(_n) or _f(*a))
+    x = x.requires_grad_()
+    w = w.detach().requires_grad_()
+    counts = torch.full((w.shape[0],), rows_per_expert)
+    grouped_matmul(x, w, counts, "auto").sum().backward()
+    monkeypatch.undo()
+    return seen
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed-view"])
+def test_auto_uses_the_kernel_for_few_rows_only(monkeypatch, layout):
+    """Each product takes the kernel up to its form's limit: the register tiles (``x·W``) to
+    MAX_ROWS_PER_EXPERT rows, the dot products (``x·Wᵀ`` of a contiguous W: the input gradient
+    here, the forward through transformers' transposed view) to MAX_ROWS_PER_EXPERT_DOT; the
+    weight gradient follows the forward."""
+    torch.manual_seed(0)
+    w = (torch.randn(8, 16, 32) if layout == "contiguous"
+         else torch.randn(8, 32, 16).transpose(1, 2))
+    tiles, dots = few_rows.MAX_ROWS_PER_EXPERT, few_rows.MAX_ROWS_PER_EXPERT_DOT
+    forward = {"forward", "weight_grad"}
+    if layout == "contiguous":
+        expected = {dots: forward | {"input_grad"}, dots + 1: forward, tiles: forward,
+                    tiles + 1: set()}
+    else:
+        expected = {dots: forward | {"input_grad"}, dots + 1: {"input_grad"},
+                    tiles: {"input_grad"}, tiles + 1: set()}
+    for rows, on_kernel in expected.items():
+        assert _products_on_kernel(monkeypatch, torch.randn(8 * rows, 16), w, rows) == on_kernel
+    float64 = _products_on_kernel(monkeypatch, torch.randn(16, 16, dtype=torch.float64),
+                                  w.double(), 2)
+    assert float64 == set()  # float64 keeps the loop's BLAS products
+
+
 def _calls(monkeypatch):
     """Count the kernel's forward calls."""
     calls = []
     forward = few_rows.forward
     monkeypatch.setattr(few_rows, "forward", lambda *a: calls.append(1) or forward(*a))
     return calls
-
-
-def test_auto_uses_the_kernel_for_few_rows_only(monkeypatch):
-    calls = _calls(monkeypatch)
-    w = torch.randn(8, 16, 32)
-    few = few_rows.MAX_ROWS_PER_EXPERT * 8
-    grouped_matmul(torch.randn(few, 16), w, torch.full((8,), few // 8), "auto")
-    assert len(calls) == 1
-    many = few + 8
-    grouped_matmul(torch.randn(many, 16), w, torch.full((8,), many // 8), "auto")
-    assert len(calls) == 1  # torch's grouped GEMM
-    grouped_matmul(torch.randn(16, 16, dtype=torch.float64), w.double(),
-                   torch.full((8,), 2), "auto")
-    assert len(calls) == 1  # float64 keeps the loop's BLAS products
-    view = torch.randn(8, 32, 16).transpose(1, 2)  # transformers' layout: a lower limit
-    few = few_rows.MAX_ROWS_PER_EXPERT_TRANSPOSED * 8
-    grouped_matmul(torch.randn(few, 16), view, torch.full((8,), few // 8), "auto")
-    assert len(calls) == 2
-    grouped_matmul(torch.randn(few + 8, 16), view, torch.full((8,), few // 8 + 1), "auto")
-    assert len(calls) == 2
 
 
 def test_expert_bank_runs_on_the_kernel(monkeypatch):

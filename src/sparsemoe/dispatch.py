@@ -164,15 +164,16 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def _resolve_impl(impl: str, x: Tensor, w: Tensor) -> str:
-    """The implementation ``impl="auto"`` stands for with these operands (see
-    :data:`GROUPED_MM_IMPLS`); any other ``impl`` is returned as it is."""
+def _resolve_impl(impl: str, x: Tensor, w: Tensor, transpose: bool = False) -> str:
+    """The implementation ``impl="auto"`` stands for in the product ``x·w[e]`` (``x·w[e]ᵀ``
+    if ``transpose``: the input gradient; the weight gradient follows the forward's) with these
+    operands (see :data:`GROUPED_MM_IMPLS`); any other ``impl`` is returned as it is."""
     if impl != "auto":
         return impl
     if decode_sized(x, w):
         return "loop"
     if (few_rows.supported(x, w) and x.dtype != torch.float64
-            and few_rows.preferred(x.shape[0], w.shape[0], few_rows.transposed_view(w))
+            and few_rows.preferred(x.shape[0], w.shape[0], few_rows.dot_form(w, transpose))
             and few_rows.library() is not None):
         return "few_rows"
     return "grouped_mm" if _grouped_mm_supported(x, w) else "loop"
@@ -261,25 +262,29 @@ class _GroupedMatmul(torch.autograd.Function):
     def forward(ctx, x, w, tokens_per_expert, impl, buffers):  # type: ignore[override]
         ctx.save_for_backward(x, w, tokens_per_expert)
         ctx.impl, ctx.buffers = impl, buffers
-        return _product(x, w, tokens_per_expert, impl)
+        return _product(x, w, tokens_per_expert, _resolve_impl(impl, x, w))
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, w, tokens_per_expert = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
+        impl = _resolve_impl(ctx.impl, x, w)
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable forward
             inputs = [t for t, need in ((x, need_x), (w, need_w)) if need]
             with torch.enable_grad():
-                y = _differentiable_product(x, w, tokens_per_expert, ctx.impl)
+                y = _differentiable_product(x, w, tokens_per_expert, impl)
             grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
             dx = grads.pop(0) if need_x else None
             return dx, grads.pop(0) if need_w else None, None, None, None
         dy = dy.contiguous()  # an expanded gradient (of a sum) has strides grouped_mm rejects
-        dx = _product(dy, w, tokens_per_expert, ctx.impl, transpose=True) if need_x else None
+        dx = None
+        if need_x:
+            dx = _product(dy, w, tokens_per_expert,
+                          _resolve_impl(ctx.impl, dy, w, transpose=True), transpose=True)
         dw = None
         if need_w:
             out = None if ctx.buffers is None else ctx.buffers.take(w)
-            dw = _weight_grad(x, dy, tokens_per_expert, ctx.impl, out)
+            dw = _weight_grad(x, dy, tokens_per_expert, impl, out)
         return dx, dw, None, None, None
 
 
@@ -289,7 +294,7 @@ def _grouped_matmul_op(x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: st
     """:func:`_product` as one operator of a compiled graph: ``impl`` (``"auto"`` too) is
     resolved here, on the run's concrete shapes, so the graph holds no guard on them and the
     few-row kernel runs in it."""
-    return _product(x, w, tokens_per_expert, _resolve_impl(impl, x, w), transpose)
+    return _product(x, w, tokens_per_expert, _resolve_impl(impl, x, w, transpose), transpose)
 
 
 @_grouped_matmul_op.register_fake
@@ -382,8 +387,7 @@ def grouped_matmul(
         return torch.ops.sparsemoe.grouped_matmul(x, w, tokens_per_expert, impl, False)
     if grad_buffers is None or dt is not None or w.device.type != "cpu":
         grad_buffers = None
-    return _GroupedMatmul.apply(x, w, tokens_per_expert, _resolve_impl(impl, x, w),
-                                grad_buffers)
+    return _GroupedMatmul.apply(x, w, tokens_per_expert, impl, grad_buffers)
 
 
 def _inverse_permutation(routes: SortedPairs) -> Tensor:

@@ -48,7 +48,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float64: 2}
 
 MAX_ROWS_PER_EXPERT = 32
-"""``impl="auto"`` uses the kernel where the experts get at most this many rows on average."""
+"""``impl="auto"`` uses the kernel's register-tile form (``x·W`` through a contiguous weight)
+where the experts get at most this many rows on average."""
 
 STREAM_BYTES = 32 << 20
 """A weight gradient of at least this many bytes is written with non-temporal stores (past the
@@ -56,10 +57,11 @@ caches, without first reading the lines it overwrites): 2.9–3.4× faster for 2
 2 rows per expert, which are nothing but that write; a smaller one stays in the cache for the
 optimiser."""
 
-MAX_ROWS_PER_EXPERT_TRANSPOSED = 8
-""":data:`MAX_ROWS_PER_EXPERT` for a weight that is a transposed view (:func:`transposed_view`,
-transformers' experts): its forward is the kernel's dot-product form, which torch's grouped GEMM
-overtakes sooner (``benchmarks/few_rows_gemm.py --layout transposed``)."""
+MAX_ROWS_PER_EXPERT_DOT = 8
+""":data:`MAX_ROWS_PER_EXPERT` for the kernel's dot-product form (``x·Wᵀ`` through a contiguous
+weight: the input gradient of a contiguous weight, and the forward of a transposed view,
+transformers' experts), which torch's grouped GEMM overtakes sooner: 1.1–1.8× slower than it
+at 16–128 rows (``benchmarks/few_rows_gemm.py``, both ``--layout``s)."""
 
 _state: dict[str, ctypes.CDLL | None] = {}
 
@@ -119,11 +121,17 @@ def supported(x: Tensor, w: Tensor) -> bool:
         and w.dtype == x.dtype
 
 
-def preferred(rows: int, num_experts: int, transposed: bool = False) -> bool:
+def dot_form(w: Tensor, transpose: bool) -> bool:
+    """The kernel computes ``x·w[e]`` (``x·w[e]ᵀ`` if ``transpose``) in its dot-product form:
+    ``x·Wᵀ`` of a contiguous ``W`` (see :func:`forward`, :func:`input_grad`)."""
+    return transposed_view(w) != transpose
+
+
+def preferred(rows: int, num_experts: int, dot: bool = False) -> bool:
     """``impl="auto"``'s rule: the kernel where the experts average few rows (see module doc):
-    at most :data:`MAX_ROWS_PER_EXPERT`, or :data:`MAX_ROWS_PER_EXPERT_TRANSPOSED` through a
-    transposed view."""
-    limit = MAX_ROWS_PER_EXPERT_TRANSPOSED if transposed else MAX_ROWS_PER_EXPERT
+    at most :data:`MAX_ROWS_PER_EXPERT`, or :data:`MAX_ROWS_PER_EXPERT_DOT` for a product in
+    the dot-product form (:func:`dot_form`)."""
+    limit = MAX_ROWS_PER_EXPERT_DOT if dot else MAX_ROWS_PER_EXPERT
     return rows <= limit * num_experts
 
 
