@@ -53,15 +53,16 @@ where the experts get at most this many rows on average."""
 
 STREAM_BYTES = 32 << 20
 """A weight gradient of at least this many bytes is written with non-temporal stores (past the
-caches, without first reading the lines it overwrites): 2.9–3.4× faster for 2 GB gradients of
-2 rows per expert, which are nothing but that write; a smaller one stays in the cache for the
-optimiser."""
+caches, without first reading the lines it overwrites): 2.1–2.8× faster at 2–4 rows per
+expert, where the weight gradient is nothing but that write (BENCHMARKS.md); a smaller one stays
+in the cache for the optimiser."""
 
 MAX_ROWS_PER_EXPERT_DOT = 8
 """:data:`MAX_ROWS_PER_EXPERT` for the kernel's dot-product form (``x·Wᵀ`` through a contiguous
 weight: the input gradient of a contiguous weight, and the forward of a transposed view,
-transformers' experts), which torch's grouped GEMM overtakes sooner: 1.1–1.8× slower than it
-at 16–128 rows (``benchmarks/few_rows_gemm.py``, both ``--layout``s)."""
+transformers' experts), which torch's grouped GEMM overtakes sooner: at 16 rows the kernel
+takes 0.86–1.34 of its time, at 32–128 rows 1.15–1.8 (``benchmarks/few_rows_gemm.py``, both
+``--layout``s)."""
 
 _state: dict[str, ctypes.CDLL | None] = {}
 
