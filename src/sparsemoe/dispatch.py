@@ -261,18 +261,18 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, tokens_per_expert, impl, buffers):  # type: ignore[override]
         ctx.save_for_backward(x, w, tokens_per_expert)
-        ctx.impl, ctx.buffers = impl, buffers
-        return _product(x, w, tokens_per_expert, _resolve_impl(impl, x, w))
+        # the forward's resolution serves the weight gradient too; the input gradient has its own
+        ctx.impl, ctx.resolved, ctx.buffers = impl, _resolve_impl(impl, x, w), buffers
+        return _product(x, w, tokens_per_expert, ctx.resolved)
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
         x, w, tokens_per_expert = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        impl = _resolve_impl(ctx.impl, x, w)
         if torch.is_grad_enabled():  # create_graph: differentiate a differentiable forward
             inputs = [t for t, need in ((x, need_x), (w, need_w)) if need]
             with torch.enable_grad():
-                y = _differentiable_product(x, w, tokens_per_expert, impl)
+                y = _differentiable_product(x, w, tokens_per_expert, ctx.resolved)
             grads = list(torch.autograd.grad(y, inputs, dy, create_graph=True))
             dx = grads.pop(0) if need_x else None
             return dx, grads.pop(0) if need_w else None, None, None, None
@@ -284,7 +284,7 @@ class _GroupedMatmul(torch.autograd.Function):
         dw = None
         if need_w:
             out = None if ctx.buffers is None else ctx.buffers.take(w)
-            dw = _weight_grad(x, dy, tokens_per_expert, impl, out)
+            dw = _weight_grad(x, dy, tokens_per_expert, ctx.resolved, out)
         return dx, dw, None, None, None
 
 
