@@ -4,7 +4,9 @@ Trains every ``RUN`` (``PRESET`` or ``PRESET:GATE_INIT_STD``, as ``lm_seeds.py``
 same corpus, data order and seed, and measures the perplexity over the **whole** validation
 text every ``--eval-every`` steps. The Appendix C.1 schedule (linear warm-up, then ∝ step^-1/2)
 does not depend on the run's length, so the model after ``s`` steps is the model a run of ``s``
-steps would end with: one run per preset gives every point of the curve. Writes
+steps would end with: one run per preset gives every point of the curve (``--eval-tokens``
+measures each point on the first tokens of the validation text only, for large corpora; the
+end of every run is measured on the whole validation and test texts). Writes
 ``OUT/scale.json``, ``OUT/scale.md`` (validation perplexity per run and training tokens; each
 run's change against the first run, in percent; the test perplexity at the end) and
 ``OUT/scale.png``::
@@ -73,10 +75,12 @@ def plot(results: dict[str, dict], tokens_per_step: int, corpus: str, path: Path
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     training_arguments(p, "sotu", steps=1600, warmup=120, eval_every=200)
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="validation tokens per point of the curve (default: the whole text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/scale")
     a = p.parse_args()
-    base = base_config(a, eval_tokens=None, seed=a.seed)
+    base = base_config(a, eval_tokens=a.eval_tokens, seed=a.seed)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
