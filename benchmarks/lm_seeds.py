@@ -2,13 +2,14 @@
 difference between MoE variants and a dense baseline at a fixed amount of work.
 
 Trains every ``RUN`` (``PRESET`` or ``PRESET:GATE_INIT_STD``, the latter drawing W_g from
-N(0, std²) instead of the paper's zeros) once per seed, seed-major so that an interrupted call
-leaves whole seeds, each into ``OUT/NAME/seed{s}`` (a run already trained to ``--steps`` is
-read back from its ``metrics.json``). Writes ``OUT/seeds.json`` (per run and seed: test and
-valid perplexity, steps, training seconds) and ``OUT/seeds.md``: per run, the value of each
-seed and mean ± sample standard deviation over the seeds; per run other than the baseline,
-the per-seed paired difference run − baseline (same seed: same data order) with its mean ±
-standard deviation::
+N(0, std²) instead of the paper's zeros; ``--model KEY=VALUE`` sets a field of every run's
+model configuration, e.g. ``k=1`` or ``moe_every=2`` of the Transformer) once per seed,
+seed-major so that an interrupted call leaves whole seeds, each into ``OUT/NAME/seed{s}`` (a
+run already trained to ``--steps`` is read back from its ``metrics.json``). Writes
+``OUT/seeds.json`` (per run and seed: test and valid perplexity, steps, training seconds) and
+``OUT/seeds.md``: per run, the value of each seed and mean ± sample standard deviation over
+the seeds; per run other than the baseline, the per-seed paired difference run − baseline
+(same seed: same data order) with its mean ± standard deviation::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lm_seeds.py --steps 300 \
         --runs MoE-1-Wide MoE-32 MoE-32:0.088 --seeds 0 1 2 --out runs/seeds
@@ -17,6 +18,7 @@ standard deviation::
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import statistics
 import time
@@ -32,6 +34,17 @@ KEYS = ("test_perplexity", "valid_perplexity")
 def parse_run(text: str) -> tuple[str, float]:
     preset, _, std = text.partition(":")
     return preset, float(std) if std else 0.0
+
+
+def parse_field(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with VALUE a Python literal (``2``, ``0.1``, ``None``) or else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
 
 
 def run_name(preset: str, std: float) -> str:
@@ -92,14 +105,17 @@ def training_arguments(p: argparse.ArgumentParser, corpus: str, steps: int, warm
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=warmup)
     p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--model", nargs="+", type=parse_field, default=[], metavar="KEY=VALUE",
+                   help="model configuration fields for every run (e.g. k=1 moe_every=2)")
     p.add_argument("--eval-every", type=int, default=eval_every)
 
 
 def base_config(a: argparse.Namespace, **fields) -> LMTrainConfig:
     """The configuration :func:`training_arguments`' flags describe (no preset yet)."""
     return LMTrainConfig(corpus=tuple(a.corpus), arch=a.arch, preset=None, vocab_size=a.vocab_size,
-                         model={"dropout": a.dropout}, batch_size=a.batch_size, bptt=a.bptt,
-                         lr=a.lr, warmup=a.warmup, steps=a.steps, eval_every=a.eval_every,
+                         model={"dropout": a.dropout, **dict(a.model)},
+                         batch_size=a.batch_size, bptt=a.bptt, lr=a.lr, warmup=a.warmup,
+                         steps=a.steps, eval_every=a.eval_every,
                          **fields)
 
 
