@@ -42,6 +42,32 @@ def test_grouped_matmul_matches_rowwise(impl, dtype, p, q, counts, masked):
     torch.testing.assert_close(gw, rw, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("impl", ["loop", "grouped_mm", "few_rows", "auto"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_transposed_weight_gets_its_gradient_in_its_own_layout(impl, compiled):
+    """``transformers`` stores its experts ``[n, out, in]`` and multiplies by the transposed
+    view: the weight gradient reaches the parameter already in the storage's layout (no copy
+    when it is accumulated), equal to the row-by-row reference in float64."""
+    torch.manual_seed(0)
+    counts = torch.tensor([3, 0, 5, 1])
+    storage = torch.randn(4, 4, 8, dtype=torch.float64, requires_grad=True)  # [n, q, p]
+    x = torch.randn(11, 8, dtype=torch.float64)  # 2 masked rows after the blocks
+    dtype = torch.float32 if impl in ("grouped_mm", "few_rows") else torch.float64
+    leaf = storage.detach().to(dtype).requires_grad_()
+    arriving = []
+    leaf.register_hook(lambda g: arriving.append(g))
+    fn = grouped_matmul
+    if compiled:
+        fn = torch.compile(grouped_matmul, backend="aot_eager", fullgraph=True)
+    out = fn(x.to(dtype), leaf.transpose(1, 2), counts, impl)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref = naive_grouped(x[:9], storage.transpose(1, 2), counts)
+    ref.backward(g[:9].to(torch.float64))
+    assert arriving[0].is_contiguous()
+    torch.testing.assert_close(leaf.grad.double(), storage.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_grouped_matmul_rejects_unknown_impl():
     with pytest.raises(ValueError, match=r"impl must be one of .*got 'cuda_magic'"):
         grouped_matmul(torch.zeros(1, 2), torch.zeros(1, 2, 2), torch.tensor([1]), "cuda_magic")

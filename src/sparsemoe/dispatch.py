@@ -224,8 +224,24 @@ def _product(x: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str,
     return torch.cat(blocks)
 
 
-def _weight_grad(x: Tensor, dy: Tensor, tokens_per_expert: Tensor, impl: str,
-                 out: Tensor | None = None) -> Tensor:
+def _weight_grad(x: Tensor, dy: Tensor, w: Tensor, tokens_per_expert: Tensor, impl: str,
+                 pool: GradientBuffers | None = None) -> Tensor:
+    """``dw[e] = x_eᵀ · dy_e`` (zero for an expert without rows) for a resolved ``impl``, laid
+    out like ``w``: for a transposed view of a contiguous weight (``transformers``' experts) it
+    is computed as ``(dy_eᵀ · x_e)ᵀ`` in the storage's layout, so that accumulating it into the
+    parameter's gradient copies nothing. In memory of ``pool`` when given.
+
+    Shape: ``x [N, p]``, ``dy [N, q]``, ``w [n, p, q]`` → ``[n, p, q]``."""
+    if few_rows.transposed_view(w):
+        storage = w.transpose(1, 2)
+        out = None if pool is None else pool.take(storage)
+        return _blockwise_weight_grad(dy, x, tokens_per_expert, impl, out).transpose(1, 2)
+    out = None if pool is None else pool.take(w)
+    return _blockwise_weight_grad(x, dy, tokens_per_expert, impl, out)
+
+
+def _blockwise_weight_grad(x: Tensor, dy: Tensor, tokens_per_expert: Tensor, impl: str,
+                           out: Tensor | None = None) -> Tensor:
     """``dw[e] = x_eᵀ · dy_e`` (zero for an expert without rows) for a resolved ``impl``,
     written into ``out`` when given. Shape: ``x [N, p]``, ``dy [N, q]`` → ``[n, p, q]``."""
     if impl == "few_rows":
@@ -281,10 +297,8 @@ class _GroupedMatmul(torch.autograd.Function):
         if need_x:
             dx = _product(dy, w, tokens_per_expert,
                           _resolve_impl(ctx.impl, dy, w, transpose=True), transpose=True)
-        dw = None
-        if need_w:
-            out = None if ctx.buffers is None else ctx.buffers.take(w)
-            dw = _weight_grad(x, dy, tokens_per_expert, ctx.resolved, out)
+        dw = _weight_grad(x, dy, w, tokens_per_expert, ctx.resolved, ctx.buffers) if need_w \
+            else None
         return dx, dw, None, None, None
 
 
@@ -309,12 +323,13 @@ def _grouped_weight_grad_op(x: Tensor, dy: Tensor, w: Tensor, tokens_per_expert:
     written into the memory of the weight's :class:`~sparsemoe.memory.GradientBuffers` where
     the expert bank attached one (:func:`~sparsemoe.memory.attach_pool`)."""
     pool = pool_of(w) if w.device.type == "cpu" else None
-    out = None if pool is None else pool.take(w)
-    return _weight_grad(x, dy, tokens_per_expert, _resolve_impl(impl, x, w), out)
+    return _weight_grad(x, dy, w, tokens_per_expert, _resolve_impl(impl, x, w), pool)
 
 
 @_grouped_weight_grad_op.register_fake
 def _(x, dy, w, tokens_per_expert, impl):
+    if few_rows.transposed_view(w):  # laid out like w (see _weight_grad)
+        return x.new_empty(w.shape[0], dy.shape[1], x.shape[1]).transpose(1, 2)
     return x.new_empty(w.shape[0], x.shape[1], dy.shape[1])
 
 
