@@ -1,11 +1,11 @@
 """Where a second thread's time goes: the paper's layer against its compute-matched dense FFN
 on one thread and then on ``--threads`` threads, with the matrix products split from the rest.
 
-For each thread count: medians of ``--repeats`` alternated forward + backward steps (wall
-clock; the layer and FFN of ``suite.py``'s paper section: d 512, expert hidden 1024, 8,192
-tokens), then ``torch.profiler`` over ``--profiled`` steps of each, from which the self time of
-``aten::mm`` per step (the experts' and the gating's products) is split from the rest of the
-step. Prints one markdown row per thread count::
+For each thread count: medians of ``--repeats`` alternated forward + backward steps
+(``suite.time_alternating``, wall clock; the layer and FFN of ``suite.py``'s paper section:
+d 512, expert hidden 1024, 8,192 tokens), then ``torch.profiler`` over ``--profiled`` steps of
+each, from which the self time of ``aten::mm`` per step (the experts' and the gating's
+products) is split from the rest of the step. Prints one markdown row per thread count::
 
     OMP_NUM_THREADS=2 MKL_NUM_THREADS=2 python benchmarks/threads_profile.py --experts 512 --k 4
 """
@@ -13,11 +13,9 @@ step. Prints one markdown row per thread count::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
-from suite import dense_ffn, paper_layer, step_fn
+from suite import dense_ffn, paper_layer, step_fn, time_alternating
 from torch.profiler import profile
 
 
@@ -52,16 +50,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for threads in dict.fromkeys((1, a.threads)):
         torch.set_num_threads(threads)
-        for run in runs.values():  # warm-up
-            run()
-            run()
-        times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(a.repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(1e3 * (time.perf_counter() - start))
-        med = {name: statistics.median(v) for name, v in times.items()}
+        med = {name: 1e3 * t for name, t in time_alternating(runs, a.repeats, "cpu").items()}
         mm = {name: mm_ms_per_step(run, a.profiled) for name, run in runs.items()}
         print(f"| {n} | {k} | {a.tokens * k / n:.0f} | {threads} | {med['dense']:,.0f} | "
               f"{med['sparsemoe']:,.0f} | {med['sparsemoe'] / med['dense']:.2f} | "
